@@ -16,6 +16,7 @@ Run: python -c "import rewards; print(sorted(rewards.REWARDS))"
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -55,7 +56,10 @@ def make_reward(spec: str, **kwargs) -> Reward:
     for name, weight in parse_reward_spec(spec):
         if name not in REWARDS:
             raise ValueError(f"unknown reward {name!r}: choose from {', '.join(sorted(REWARDS))}")
-        terms.append((REWARDS[name](**kwargs), weight))
+        factory = REWARDS[name]
+        accepted = inspect.signature(factory).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+        terms.append((factory(**{k: v for k, v in kwargs.items() if takes_all or k in accepted}), weight))
     if len(terms) == 1 and terms[0][1] == 1.0:
         return terms[0][0]
     return weighted_sum(terms)
