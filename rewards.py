@@ -69,3 +69,67 @@ def make_reward(spec: str, **kwargs) -> Reward:
 
 
 # ----------------------------------------------------------------------------- image rewards (SD)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """Differentiable CLIP preprocessing: (B, 3, H, W) in [0, 1] → resize the short side to `size`
+    (bicubic, antialiased), centre-crop to size×size, normalise. The PIL processor would cut the graph."""
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = torch.nn.functional.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    x = x[..., top : top + size, left : left + size]
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def load_pretrained(cls, name_or_path: str, what: str, **kwargs):
+    """`cls.from_pretrained` with one clear line when the weights are not on disk or in the cache."""
+    try:
+        return cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"cannot load {what} from {name_or_path!r}: fetch it with `hf download {name_or_path}` "
+            f"(or pass a local folder) [{type(e).__name__}]"
+        ) from None
+
+
+def _features(out) -> torch.Tensor:
+    """transformers 5.x returns an output object from get_*_features; 4.x a tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def clipscore(device="cpu", dtype=torch.float32, clip_model: str = "openai/clip-vit-large-patch14") -> Reward:
+    """CLIP score (Hessel et al. 2021, without the 2.5·max(·, 0) rescaling): cosine between the
+    L2-normalised CLIP image and prompt embeddings. Text embeddings are cached per prompt."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = load_pretrained(CLIPModel, clip_model, "CLIP model").to(device, dtype).eval().requires_grad_(False)
+    tokenizer = load_pretrained(CLIPTokenizer, clip_model, "CLIP tokenizer")
+    size = model.config.vision_config.image_size
+    cache: dict[str, torch.Tensor] = {}
+
+    def text_embeddings(prompts: list[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            ids = tokenizer(missing, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                            return_tensors="pt").input_ids.to(device)
+            with torch.no_grad():
+                emb = _features(model.get_text_features(input_ids=ids))
+            cache.update(zip(missing, torch.nn.functional.normalize(emb.float(), dim=-1)))
+        return torch.stack([cache[p] for p in prompts])
+
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(device, torch.float32), size).to(dtype)
+        img = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        return (img * text_embeddings(list(prompts))).sum(-1)
+
+    return reward
+
+
+REWARDS["clipscore"] = clipscore

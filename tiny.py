@@ -1,0 +1,57 @@
+"""Tiny random-init stand-ins for every pretrained component, built in code (no downloads).
+
+They have the real architectures (diffusers UNet2DConditionModel / AutoencoderKL, transformers
+CLIP) at toy width, are saved with `save_pretrained` and loaded back through the very same loading
+functions that take a hub id, so tests, notebooks and `train_sd.py --tiny` exercise the real path
+on CPU in seconds. Nothing in the paper corresponds to this file.
+
+Run: python -c "import tiny, tempfile; print(tiny.tiny_tokenizer(tempfile.mkdtemp()))"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary with no merges: 2 specials, then the 256 byte symbols with and
+    without the end-of-word marker `</w>` (what CLIPTokenizer needs to encode any text)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    # GPT-2/CLIP byte → unicode map: printable bytes are themselves, the rest shift past 255
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(s, len(vocab))
+    return vocab, []
+
+
+def tiny_tokenizer(path: str | Path):
+    """A CLIPTokenizer (77 tokens, byte-level) saved to `path`; returns the tokenizer."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _byte_vocab()
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, bos_token="<|startoftext|>",
+                        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tok.save_pretrained(str(path))
+    return tok
+
+
+def tiny_clip(path: str | Path, image_size: int = 32, projection_dim: int = 16):
+    """A CLIPModel (text + vision towers, random init) with its tokenizer, saved to `path`.
+    Stands in for CLIP ViT-L/14 / ViT-H/14 reward backbones."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vocab, _ = _byte_vocab()
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                         vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=projection_dim,
+    )
+    model = CLIPModel(config)
+    model.save_pretrained(str(path))
+    tiny_tokenizer(path)
+    return model
