@@ -281,6 +281,7 @@ def test_jump_timesteps():
     assert shortft.jump_timesteps(801, CLEAN, 1) == [801, CLEAN]
     assert shortft.jump_timesteps(801, CLEAN, 2) == [801, 400, CLEAN]
     assert shortft.jump_timesteps(999, 499, 4) == [999, 874, 749, 624, 499]
+    assert shortft.jump_timesteps(501, CLEAN, 3) == [501, 334, 166, CLEAN]  # rounded, not truncated
     pts = shortft.jump_timesteps(21, CLEAN, 22)
     assert pts == list(range(21, -2, -1))
     with pytest.raises(ValueError, match="jumps"):

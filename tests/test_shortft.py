@@ -57,7 +57,7 @@ def test_alpha_bar_special_points_and_errors():
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
-@pytest.mark.parametrize("n", [1, 8, 10, 50, 200])
+@pytest.mark.parametrize("n", [1, 3, 7, 8, 10, 30, 50, 200])
 def test_ddim_timesteps_match_diffusers(spacing, n):
     ref = ddim_scheduler(timestep_spacing=spacing)
     ref.set_timesteps(n)
