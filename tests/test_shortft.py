@@ -11,6 +11,8 @@ X0 = None "return x̂_0" (ᾱ = 1); (B, …) batch-first tensors.
 Run: python -m pytest -q tests/test_shortft.py
 """
 
+import random
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -242,7 +244,6 @@ def test_detach_input_leaves_only_the_skip_path(detach_eps):
 def test_checkpointed_detach_segments_match_plain():
     sch, grid, net = shortft.make_schedule(), shortft.ddim_timesteps(8), TinyDenoiser()
     x_T = torch.randn(5, 2, dtype=torch.float64)
-    import random
     a = shortft.drtune(grid, k=2, rng=random.Random(1), checkpoint=True)
     b = shortft.drtune(grid, k=2, rng=random.Random(1), checkpoint=False)
     assert any(seg.checkpoint for seg in a.trunk) and not any(seg.checkpoint for seg in b.trunk)
