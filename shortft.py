@@ -433,6 +433,7 @@ def shortft(
         x_T ─ shortcut, `jumps_before` jumps, no grad ─▶ x_{τ_k}
             ─ `trained_steps` DDIM steps of the tuned model, grad ─▶ x_{τ_{k−n}}
             ─ shortcut, M = `jumps_after` jumps, grad, checkpointed ─▶ x_0
+              (at most one jump per remaining timestep, so fewer than M right before x_0)
 
     The trained step receives the complete, untruncated reward gradient through a chain only
     M + n evaluations long. `k` is drawn by `draw_trained_step` unless given; `lora_in_shortcut`
@@ -454,7 +455,7 @@ def shortft(
         trunk += _steps("shortcut", before, grad=False)
     trunk += _steps("tuned", points[k : k + trained_steps + 1], grad=True, checkpoint=checkpoint)
     if t_end != CLEAN:
-        after = jump_timesteps(t_end, CLEAN, jumps_after)
+        after = jump_timesteps(t_end, CLEAN, min(jumps_after, t_end - CLEAN))
         trunk += _steps(shortcut, after, grad=True, checkpoint=checkpoint)
     return Chain(trunk)
 
