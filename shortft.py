@@ -24,7 +24,7 @@ Run: python -c "import shortft; print(shortft.ddim_timesteps(50))"
 
 from __future__ import annotations
 
-import math
+import inspect
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -462,21 +462,19 @@ def shortft(
 
 def make_chain(method: str, grid: Sequence[int], rng: random.Random | None = None, **switches) -> Chain:
     """The training chain of `method` (one of METHODS) with its switches, drawn afresh per update."""
-    builders = {
-        "shortft": lambda: shortft(grid, rng=rng, **switches),
-        "full": lambda: full(grid, **switches),
-        "draft_k": lambda: draft_k(grid, **switches),
-        "draft_lv": lambda: draft_lv(grid, **switches),
-        "alignprop": lambda: alignprop(grid, rng=rng, **switches),
-        "refl": lambda: refl(grid, rng=rng, **switches),
-        "drtune": lambda: drtune(grid, rng=rng, **switches),
-    }
+    builders = {"shortft": shortft, "full": full, "draft_k": draft_k, "draft_lv": draft_lv,
+                "alignprop": alignprop, "refl": refl, "drtune": drtune}
     if method not in builders:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    try:
-        return builders[method]()
-    except TypeError as e:  # an unknown switch for this method
-        raise ValueError(f"bad switch for method {method!r}: {e}") from None
+    builder = builders[method]
+    accepted = set(inspect.signature(builder).parameters) - {"grid"}
+    unknown = sorted(set(switches) - accepted)
+    if unknown:
+        raise ValueError(f"bad switch for method {method!r}: {', '.join(unknown)} "
+                         f"(it takes {', '.join(sorted(accepted - {'rng'}))})")
+    if "rng" in accepted:
+        switches["rng"] = rng
+    return builder(grid, **switches)
 
 
 # ----------------------------------------------------------------------------- update
