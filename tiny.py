@@ -46,12 +46,52 @@ def tiny_clip(path: str | Path, image_size: int = 32, projection_dim: int = 16):
     config = CLIPConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
                          vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
+                         pad_token_id=1, projection_dim=projection_dim),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
-                           image_size=image_size, patch_size=8),
+                           image_size=image_size, patch_size=8, projection_dim=projection_dim),
         projection_dim=projection_dim,
     )
     model = CLIPModel(config)
     model.save_pretrained(str(path))
     tiny_tokenizer(path)
     return model
+
+
+def tiny_aesthetic_head(path: str | Path, in_dim: int = 16, hidden=(32, 16, 8, 4)):
+    """A random LAION-aesthetic-shaped head in_dim→hidden…→1 (keys layers.{0,2,4,6,7}.*) saved to `path`:
+    .safetensors, or a plain state dict for torch.load(weights_only=True) otherwise. Returns the head.
+    Pairs with tiny_clip(projection_dim=in_dim)."""
+    import torch
+
+    from rewards import AestheticMLP
+
+    head = AestheticMLP((in_dim, *hidden, 1))
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(path))
+    else:
+        torch.save(head.state_dict(), str(path))
+    return head
+
+
+def tiny_open_clip(path: str | Path, image_size: int = 32, embed_dim: int = 16):
+    """A random tiny open_clip CLIP (ViT-H-14's layout at toy width) standing in for HPSv2: writes
+    `path/open_clip_config.json` and `path/hps_tiny.pt` ({'state_dict': …}, as HPSv2 ships it).
+    Returns (arch, checkpoint) for rewards.hpsv2(hpsv2_arch=arch, hpsv2_checkpoint=checkpoint).
+    Needs open-clip-torch."""
+    import json
+
+    import open_clip
+    import torch
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(embed_dim=embed_dim,
+               vision_cfg=dict(image_size=image_size, layers=2, width=32, head_width=16, patch_size=8),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    arch = f"local-dir:{path}"
+    model = open_clip.create_model(arch)
+    torch.save({"state_dict": model.state_dict()}, str(path / "hps_tiny.pt"))
+    return arch, str(path / "hps_tiny.pt")
