@@ -285,3 +285,62 @@ def test_hpsv2_equals_open_clip_forward(tmp_path):
         ref = (out["image_features"] @ out["text_features"].T).diagonal()
     torch.testing.assert_close(reward(x, PROMPTS), ref, atol=1e-5, rtol=1e-5)
     assert_grad_flows_to_images_only(reward, images(), PROMPTS)
+
+
+# ----------------------------------------------------------------------------- ImageReward (interface stand-in)
+
+
+def fake_image_reward_package(monkeypatch, tmp_path):
+    """A stand-in for the image-reward package with ImageReward's interface at toy width:
+    blip.visual_encoder(x) → (B, N, D) tokens, blip.text_encoder = BLIP's BERT with cross-attention
+    (transformers' port of it), blip.tokenizer (BERT word pieces), mlp. Exercises the glue only."""
+    import types
+
+    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig, BlipVisionModel
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] a red cube on table watercolour fox".split()
+    (tmp_path / "vocab.txt").write_text("\n".join(words))
+
+    class Blip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = BlipVisionModel(BlipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                                           num_attention_heads=2, image_size=224, patch_size=32))
+            self.text_encoder = BlipTextModel(BlipTextConfig(
+                vocab_size=len(words), hidden_size=32, encoder_hidden_size=24, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=40, bos_token_id=2, sep_token_id=3), add_pooling_layer=False)
+            self.tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
+
+        def visual_encoder(self, x):
+            return self.vision(pixel_values=x).last_hidden_state
+
+    class ImageReward(torch.nn.Module):
+        def __init__(self, med_config, device="cpu"):
+            super().__init__()
+            assert med_config.endswith("med_config.json")
+            self.blip, self.mlp = Blip(), rewards.AestheticMLP((32, 16, 8, 8, 4, 1))
+
+    package, module = types.ModuleType("ImageReward"), types.ModuleType("ImageReward.ImageReward")
+    module.ImageReward, package.ImageReward = ImageReward, module
+    monkeypatch.setitem(sys.modules, "ImageReward", package)
+    monkeypatch.setitem(sys.modules, "ImageReward.ImageReward", module)
+    return ImageReward
+
+
+def test_imagereward_scores_as_its_score_gard(monkeypatch, tmp_path):
+    ref = fake_image_reward_package(monkeypatch, tmp_path)(med_config="med_config.json").eval()
+    torch.save(ref.state_dict(), str(tmp_path / "ImageReward.pt"))
+    (tmp_path / "med_config.json").write_text("{}")
+    reward = rewards.make_reward("imagereward", imagereward_checkpoint=str(tmp_path), local_files_only=True)
+    x = images(grad=False)
+    # ImageReward.score_gard on the ReFL preprocessing (224 bicubic resize + crop, CLIP mean/std)
+    tok = ref.blip.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        feats = ref.blip.visual_encoder(rewards.clip_preprocess(x, 224))
+        out = ref.blip.text_encoder(tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=feats,
+                                    encoder_attention_mask=torch.ones(feats.shape[:-1], dtype=torch.long),
+                                    return_dict=True)
+        expected = (ref.mlp(out.last_hidden_state[:, 0, :]).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+    torch.testing.assert_close(reward(x, PROMPTS), expected, atol=1e-5, rtol=1e-5)
+    assert_grad_flows_to_images_only(reward, images(), PROMPTS)
