@@ -129,6 +129,20 @@ def test_clipscore_and_pickscore_equal_clipmodel_logits(clip_dir):
     assert_grad_flows_to_images_only(cs, images(), PROMPTS)
 
 
+def test_bfloat16_reward_model_keeps_float32_scores_and_gradients(clip_dir, head_files):
+    kw = dict(clip_model=clip_dir, aesthetic_head_path=head_files[".safetensors"][0], pickscore_model=clip_dir,
+              pickscore_tokenizer=clip_dir, local_files_only=True)
+    x = images()
+    for name in ("pickscore", "aesthetic"):
+        full = rewards.make_reward(name, **kw)(x.detach(), PROMPTS)
+        half = rewards.make_reward(name, dtype=torch.bfloat16, **kw)
+        assert all(p.dtype == torch.bfloat16 for p in half.models[0].parameters())
+        torch.testing.assert_close(half(x.detach(), PROMPTS), full, atol=0.05 * full.abs().max().item(), rtol=0)
+        assert_grad_flows_to_images_only(half, x, PROMPTS)
+        assert x.grad.dtype == torch.float32
+        x.grad = None
+
+
 def test_prompt_features_are_cached_per_prompt(clip_dir):
     ps = rewards.make_reward("pickscore", pickscore_model=clip_dir, pickscore_tokenizer=clip_dir, local_files_only=True)
     model, seen = ps.models[0], []
