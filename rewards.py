@@ -428,20 +428,78 @@ REWARDS["hpsv2"] = hpsv2
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's own (r − μ)/σ
 
 
+def blip_vision_from_imagereward(sd: dict[str, torch.Tensor], prefix: str = "blip.visual_encoder."):
+    """ImageReward's BLIP ViT (timm layout: cls_token, pos_embed, blocks.N.{norm1,attn.qkv,attn.proj,norm2,
+    mlp.fc1,mlp.fc2}, norm) as transformers' BlipVisionModel (same maths: pre-norm ViT, LayerNorm eps 1e-6,
+    exact GELU, fused qkv, final LayerNorm on every token). Widths are read off the weights; heads = width/64."""
+    from transformers import BlipVisionConfig, BlipVisionModel
+
+    v = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
+    width, patch = v["cls_token"].shape[-1], v["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in v if k.startswith("blocks."))
+    config = BlipVisionConfig(hidden_size=width, intermediate_size=v["blocks.0.mlp.fc1.weight"].shape[0],
+                              num_hidden_layers=depth, num_attention_heads=max(1, width // 64), patch_size=patch,
+                              image_size=patch * round((v["pos_embed"].shape[1] - 1) ** 0.5), layer_norm_eps=1e-6,
+                              hidden_act="gelu")
+    blocks = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
+              "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+
+    def rename(k: str) -> str:
+        if k in ("cls_token", "pos_embed"):
+            return {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding"}[k]
+        if k.startswith(("patch_embed.proj.", "norm.")):
+            return k.replace("patch_embed.proj.", "embeddings.patch_embedding.").replace("norm.", "post_layernorm.")
+        _, n, *sub, param = k.split(".")  # blocks.N.<sub>.<param>
+        return f"encoder.layers.{n}.{blocks['.'.join(sub)]}.{param}"
+
+    converted = {rename(k): t for k, t in v.items()}
+    model = BlipVisionModel(config)
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+def blip_text_from_imagereward(sd: dict[str, torch.Tensor], med_config: dict, vision_width: int,
+                               prefix: str = "blip.text_encoder."):
+    """ImageReward's BLIP text encoder (BERT with cross-attention to the image tokens in every layer,
+    `med` in BLIP) as transformers' BlipTextModel, the port of the same code: same key names."""
+    from transformers import BlipTextConfig
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id", "bos_token_id", "sep_token_id")
+    # config.is_decoder (default True) only builds the cross-attention layers; the forward pass stays
+    # bidirectional (is_decoder=False there), as BLIP's 'multimodal' encoder mode
+    config = BlipTextConfig(**{k: med_config[k] for k in keys if k in med_config}, encoder_hidden_size=vision_width)
+    model = BlipTextModel(config, add_pooling_layer=False)
+    t = {k[len(prefix):]: w for k, w in sd.items() if k.startswith(prefix) and not k.endswith("position_ids")}
+    result = model.load_state_dict(t, strict=False)  # position_ids is a buffer, in either file or not
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"ImageReward text encoder weights do not fit BLIP's: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
+    return model
+
+
 def imagereward(device="cpu", dtype=torch.float32, imagereward_checkpoint: str = "THUDM/ImageReward",
-                local_files_only: bool = False) -> Reward:
-    """ImageReward (Xu et al. 2023), scored from an image tensor the way its ReFL code does: BLIP ViT-L
-    visual encoder on the 224 px CLIP-normalised image, BERT text encoder cross-attending to it (prompt
-    ids cached, max 35 tokens), MLP on the [CLS] feature, (r − 0.1672)/1.0333; ≈ −2…2, 0 ≈ average.
-    Weights ImageReward.pt + med_config.json from a local folder or hub repo (weights_only=True).
-    Needs image-reward (its BLIP builds a bert-base-uncased tokenizer from the hub cache)."""
-    module = _import_optional("ImageReward.ImageReward", "image-reward", "imagereward")
+                imagereward_tokenizer: str = "google-bert/bert-base-uncased", local_files_only: bool = False) -> Reward:
+    """ImageReward (Xu et al. 2023), scored from an image tensor as its ReFL code does (score_gard): BLIP
+    ViT-L/16 on the 224 px CLIP-normalised image, BERT text encoder cross-attending to the image tokens
+    (prompt ids, max 35 tokens, cached), MLP on the [CLS] feature, (r − 0.1672)/1.0333; ≈ −2…2, 0 ≈ average.
+    Re-implemented on transformers' BLIP classes (the image-reward package does not import with
+    transformers 5): ImageReward.pt (weights_only=True) + med_config.json from a folder or hub repo."""
+    import json
+
+    from transformers import BertTokenizer
+
     weights = resolve_file(imagereward_checkpoint, "ImageReward.pt", "ImageReward weights", local_files_only)
-    med_config = resolve_file(imagereward_checkpoint, "med_config.json", "ImageReward BLIP config", local_files_only)
-    model = module.ImageReward(med_config=med_config, device=device)
-    model.load_state_dict(load_weights_file(weights), strict=False)  # as upstream: BLIP keys it never uses
-    model = _frozen(model, device, dtype)
-    tokenizer = model.blip.tokenizer
+    med_path = resolve_file(imagereward_checkpoint, "med_config.json", "ImageReward BLIP config", local_files_only)
+    tokenizer = load_pretrained(BertTokenizer, imagereward_tokenizer, "ImageReward (BERT) tokenizer", local_files_only)
+    sd = load_weights_file(weights)
+    with open(med_path) as f:
+        med_config = json.load(f)
+    vision = _frozen(blip_vision_from_imagereward(sd), device, dtype)
+    text = _frozen(blip_text_from_imagereward(sd, med_config, vision.config.hidden_size), device, dtype)
+    head = _frozen(aesthetic_head({k[4:]: w for k, w in sd.items() if k.startswith("mlp.")}), device, torch.float32)
 
     def encode(prompts: list[str]) -> torch.Tensor:
         tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
@@ -450,16 +508,16 @@ def imagereward(device="cpu", dtype=torch.float32, imagereward_checkpoint: str =
     tokens = _cached(encode)
 
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(device, torch.float32), 224).to(dtype)
+        pixels = clip_preprocess(images.to(device, torch.float32), vision.config.image_size).to(dtype)
         tok = tokens(list(prompts)).to(device)
-        feats = model.blip.visual_encoder(pixels)
+        feats = vision(pixel_values=pixels).last_hidden_state  # (B, 1 + N, 1024) image tokens
         atts = torch.ones(feats.shape[:-1], dtype=torch.long, device=device)
-        out = model.blip.text_encoder(tok[:, 0], attention_mask=tok[:, 1], encoder_hidden_states=feats,
-                                      encoder_attention_mask=atts, return_dict=True)
-        r = model.mlp(out.last_hidden_state[:, 0, :]).squeeze(-1).float()
+        out = text(input_ids=tok[:, 0], attention_mask=tok[:, 1], encoder_hidden_states=feats,
+                   encoder_attention_mask=atts, return_dict=True)
+        r = head(out.last_hidden_state[:, 0, :].float()).squeeze(-1)
         return (r - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
-    reward.models = (model,)
+    reward.models = (vision, text, head)
     return reward
 
 

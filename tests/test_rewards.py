@@ -274,8 +274,7 @@ def test_hub_ids_not_in_cache_name_the_download_command(clip_dir, monkeypatch, t
     assert "`hf download yuvalkirstain/PickScore_v1`" in one_line(e)
 
 
-@pytest.mark.parametrize("name, module, package", [("hpsv2", "open_clip", "open-clip-torch"),
-                                                   ("imagereward", "ImageReward", "image-reward")])
+@pytest.mark.parametrize("name, module, package", [("hpsv2", "open_clip", "open-clip-torch")])
 def test_missing_optional_package(monkeypatch, name, module, package):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail as if not installed
     with pytest.raises(ModuleNotFoundError) as e:
@@ -301,60 +300,63 @@ def test_hpsv2_equals_open_clip_forward(tmp_path):
     assert_grad_flows_to_images_only(reward, images(), PROMPTS)
 
 
-# ----------------------------------------------------------------------------- ImageReward (interface stand-in)
+# ----------------------------------------------------------------------------- ImageReward (native BLIP)
 
 
-def fake_image_reward_package(monkeypatch, tmp_path):
-    """A stand-in for the image-reward package with ImageReward's interface at toy width:
-    blip.visual_encoder(x) → (B, N, D) tokens, blip.text_encoder = BLIP's BERT with cross-attention
-    (transformers' port of it), blip.tokenizer (BERT word pieces), mlp. Exercises the glue only."""
-    import types
-
-    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig, BlipVisionModel
-    from transformers.models.blip.modeling_blip_text import BlipTextModel
-
-    words = "[PAD] [UNK] [CLS] [SEP] [MASK] a red cube on table watercolour fox".split()
-    (tmp_path / "vocab.txt").write_text("\n".join(words))
-
-    class Blip(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vision = BlipVisionModel(BlipVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=1,
-                                                           num_attention_heads=2, image_size=224, patch_size=32))
-            self.text_encoder = BlipTextModel(BlipTextConfig(
-                vocab_size=len(words), hidden_size=32, encoder_hidden_size=24, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=40, bos_token_id=2, sep_token_id=3), add_pooling_layer=False)
-            self.tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
-
-        def visual_encoder(self, x):
-            return self.vision(pixel_values=x).last_hidden_state
-
-    class ImageReward(torch.nn.Module):
-        def __init__(self, med_config, device="cpu"):
-            super().__init__()
-            assert med_config.endswith("med_config.json")
-            self.blip, self.mlp = Blip(), rewards.AestheticMLP((32, 16, 8, 8, 4, 1))
-
-    package, module = types.ModuleType("ImageReward"), types.ModuleType("ImageReward.ImageReward")
-    module.ImageReward, package.ImageReward = ImageReward, module
-    monkeypatch.setitem(sys.modules, "ImageReward", package)
-    monkeypatch.setitem(sys.modules, "ImageReward.ImageReward", module)
-    return ImageReward
+def blip_vit(sd, pixels, prefix="blip.visual_encoder.", eps=1e-6):
+    """BLIP's ViT (ImageReward's vit.py) written out: patchify, prepend [CLS], add positions, pre-norm
+    blocks x + Attn(LN1 x), x + MLP(LN2 x) with exact GELU, final LN on every token. One head per 64 dims."""
+    F = torch.nn.functional
+    w = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
+    patch, width = w["patch_embed.proj.weight"].shape[-1], w["cls_token"].shape[-1]
+    heads = max(1, width // 64)
+    x = F.conv2d(pixels, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    x = torch.cat([w["cls_token"].expand(len(x), -1, -1), x], 1) + w["pos_embed"]
+    B, N, D = x.shape
+    for n in range(sum(k.endswith("norm1.weight") for k in w)):
+        b = lambda name: (w[f"blocks.{n}.{name}.weight"], w[f"blocks.{n}.{name}.bias"])  # noqa: E731
+        h = F.layer_norm(x, (D,), *b("norm1"), eps=eps)
+        q, k, v = F.linear(h, *b("attn.qkv")).view(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) * (D // heads) ** -0.5, -1) @ v
+        x = x + F.linear(a.transpose(1, 2).reshape(B, N, D), *b("attn.proj"))
+        x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, (D,), *b("norm2"), eps=eps), *b("mlp.fc1"))), *b("mlp.fc2"))
+    return F.layer_norm(x, (D,), w["norm.weight"], w["norm.bias"], eps=eps)
 
 
-def test_imagereward_scores_as_its_score_gard(monkeypatch, tmp_path):
-    ref = fake_image_reward_package(monkeypatch, tmp_path)(med_config="med_config.json").eval()
-    torch.save(ref.state_dict(), str(tmp_path / "ImageReward.pt"))
-    (tmp_path / "med_config.json").write_text("{}")
-    reward = rewards.make_reward("imagereward", imagereward_checkpoint=str(tmp_path), local_files_only=True)
-    x = images(grad=False)
-    # ImageReward.score_gard on the ReFL preprocessing (224 bicubic resize + crop, CLIP mean/std)
-    tok = ref.blip.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+@pytest.fixture(scope="module")
+def imagereward_dir(tmp_path_factory):
+    return tiny.tiny_imagereward(tmp_path_factory.mktemp("imagereward"))
+
+
+def test_imagereward_vision_encoder_is_blips_vit(imagereward_dir):
+    reward = rewards.make_reward("imagereward", imagereward_checkpoint=imagereward_dir,
+                                 imagereward_tokenizer=imagereward_dir + "/tokenizer", local_files_only=True)
+    sd = torch.load(imagereward_dir + "/ImageReward.pt", weights_only=True)
+    pixels = rewards.clip_preprocess(images(grad=False), 224)
     with torch.no_grad():
-        feats = ref.blip.visual_encoder(rewards.clip_preprocess(x, 224))
-        out = ref.blip.text_encoder(tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=feats,
-                                    encoder_attention_mask=torch.ones(feats.shape[:-1], dtype=torch.long),
-                                    return_dict=True)
-        expected = (ref.mlp(out.last_hidden_state[:, 0, :]).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+        ours = reward.models[0](pixel_values=pixels).last_hidden_state
+    torch.testing.assert_close(ours, blip_vit(sd, pixels), atol=1e-5, rtol=1e-5)
+
+
+def test_imagereward_scores_as_its_score_gard(imagereward_dir):
+    reward = rewards.make_reward("imagereward", imagereward_checkpoint=imagereward_dir,
+                                 imagereward_tokenizer=imagereward_dir + "/tokenizer", local_files_only=True)
+    vision, text, head = reward.models
+    sd = torch.load(imagereward_dir + "/ImageReward.pt", weights_only=True)
+    for k, t in text.state_dict().items():  # BLIP's BERT weights land under the same names
+        if not k.endswith("position_ids"):
+            torch.testing.assert_close(t, sd["blip.text_encoder." + k], rtol=0, atol=0)
+    torch.testing.assert_close(head.state_dict()["layers.7.weight"], sd["mlp.layers.7.weight"], rtol=0, atol=0)
+    x = images(grad=False)
+    # score_gard: 35 BERT tokens → text encoder cross-attending to the image tokens → MLP([CLS]) → (r − μ)/σ
+    from transformers import BertTokenizer
+
+    tok = BertTokenizer.from_pretrained(imagereward_dir + "/tokenizer")(
+        PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        feats = blip_vit(sd, rewards.clip_preprocess(x, 224))
+        out = text(input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=feats,
+                   encoder_attention_mask=torch.ones(feats.shape[:-1], dtype=torch.long))
+        expected = (head(out.last_hidden_state[:, 0, :]).squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
     torch.testing.assert_close(reward(x, PROMPTS), expected, atol=1e-5, rtol=1e-5)
     assert_grad_flows_to_images_only(reward, images(), PROMPTS)
