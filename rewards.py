@@ -395,7 +395,8 @@ def hpsv2(device="cpu", dtype=torch.float32, hpsv2_checkpoint: str = "xswu/HPSv2
     """HPSv2 / v2.1 (Wu et al. 2023): cos(E_img(x), E_txt(c)) of an open_clip ViT-H/14 fine-tuned on human
     preferences, as HPSv2's own scorer computes it (no logit scale); ≈ 0.2–0.35. `hpsv2_arch` is an
     open_clip model name or 'local-dir:/folder' with an open_clip_config.json; weights from a local file
-    or `hpsv2_file` of a hub repo, loaded with weights_only=True. Needs open-clip-torch."""
+    or `hpsv2_file` of a hub repo, loaded with weights_only=True. Needs open-clip-torch. Checked against
+    HPSv2's own (vendored open_clip) scoring on a full-size, randomly perturbed ViT-H-14: |Δ| < 1e-7."""
     open_clip = _import_optional("open_clip", "open-clip-torch", "hpsv2")
     path = resolve_file(hpsv2_checkpoint, hpsv2_file, "HPSv2 checkpoint", local_files_only)
     model = open_clip.create_model(hpsv2_arch, pretrained=None)
@@ -486,7 +487,8 @@ def imagereward(device="cpu", dtype=torch.float32, imagereward_checkpoint: str =
     ViT-L/16 on the 224 px CLIP-normalised image, BERT text encoder cross-attending to the image tokens
     (prompt ids, max 35 tokens, cached), MLP on the [CLS] feature, (r − 0.1672)/1.0333; ≈ −2…2, 0 ≈ average.
     Re-implemented on transformers' BLIP classes (the image-reward package does not import with
-    transformers 5): ImageReward.pt (weights_only=True) + med_config.json from a folder or hub repo."""
+    transformers 5): ImageReward.pt (weights_only=True) + med_config.json from a folder or hub repo.
+    Checked against image-reward 1.5's score_gard on a full-size, randomly perturbed model: identical."""
     import json
 
     from transformers import BertTokenizer
