@@ -69,18 +69,30 @@ def make_reward(spec: str, **kwargs) -> Reward:
 
 
 # ----------------------------------------------------------------------------- image rewards (SD)
+#
+# Every factory: name(device="cpu", dtype=torch.float32, <weights id or path>=..., local_files_only=False)
+# -> reward(images (B, 3, H, W) in [0, 1], prompts list[str]) -> (B,) float32, differentiable in images.
+# Reward models are frozen (eval mode, requires_grad False); the graph flows through them to the images.
+# Preprocessing is tensor maths (resize, crop, normalise), never a PIL processor. Prompt features are
+# cached per prompt. Weights: a local folder/file, or a hub id read from the local cache (or downloaded
+# when local_files_only=False and the network is there); anything missing fails with one line.
+# Each returned reward carries `reward.models`, the tuple of its frozen networks (to inspect or move).
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP; also open_clip ViT-H-14 laion2b and BLIP
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """Differentiable CLIP preprocessing: (B, 3, H, W) in [0, 1] → resize the short side to `size`
-    (bicubic, antialiased), centre-crop to size×size, normalise. The PIL processor would cut the graph."""
+    """Differentiable CLIP preprocessing, as CLIPImageProcessor / open_clip / BLIP eval transforms do it:
+    (B, 3, H, W) in [0, 1] → resize the short side to `size` (bicubic, antialiased; the long side to
+    int(size·long/short)), centre-crop size×size, (x − mean)/std → (B, 3, size, size)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
     h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = torch.nn.functional.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = images
+    if (nh, nw) != (h, w):
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
     x = x[..., top : top + size, left : left + size]
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
@@ -88,15 +100,110 @@ def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=C
     return (x - m) / s
 
 
-def load_pretrained(cls, name_or_path: str, what: str, **kwargs):
-    """`cls.from_pretrained` with one clear line when the weights are not on disk or in the cache."""
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id 'owner/name': absolute, relative with ./ ~ or more than one '/',
+    or ending in a weights-file suffix."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or name.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")))
+
+
+def _no_path(path) -> FileNotFoundError:
+    return FileNotFoundError(f"no folder/file at {str(path)!r}: check the path, or pass a hub id such as 'owner/name'")
+
+
+def resolve_file(name_or_path: str, filename: str, what: str, local_files_only: bool = False) -> str:
+    """Path of one weights file: `name_or_path` itself if it is a file, `name_or_path/filename` if it is a
+    folder, else `filename` of hub repo `name_or_path` (huggingface_hub cache; downloaded only when
+    local_files_only=False and the hub can be reached). One-line error naming what to fetch."""
+    import os
+
+    path = os.path.expanduser(name_or_path)
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, filename)):
+            raise _no_path(os.path.join(path, filename))
+        return os.path.join(path, filename)
+    if _looks_local(name_or_path):
+        raise _no_path(name_or_path)
+    from huggingface_hub import hf_hub_download
+
     try:
-        return cls.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
+        return hf_hub_download(name_or_path, filename, local_files_only=local_files_only)
+    except Exception as e:  # offline / not cached / no such repo: all end the same way for the user
         raise FileNotFoundError(
-            f"cannot load {what} from {name_or_path!r}: fetch it with `hf download {name_or_path}` "
-            f"(or pass a local folder) [{type(e).__name__}]"
+            f"{what}: {filename!r} of hub repo {name_or_path!r} is not in the local cache: fetch it with "
+            f"`hf download {name_or_path} {filename}` (or pass a local path) [{type(e).__name__}]"
         ) from None
+
+
+def load_pretrained(cls, name_or_path: str, what: str, local_files_only: bool = False, **kwargs):
+    """`cls.from_pretrained` from a local folder or a hub id; one clear line when it is not there."""
+    import os
+
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        try:
+            return cls.from_pretrained(path, **kwargs)
+        except Exception as e:
+            raise ValueError(f"cannot load {what} from folder {name_or_path!r}: {_first_line(e)}") from None
+    if _looks_local(name_or_path):
+        raise _no_path(name_or_path)
+    fetch = f"fetch it with `hf download {name_or_path}` (or pass a local folder)"
+    try:
+        if local_files_only:
+            # the cached snapshot folder: from_pretrained(hub id, local_files_only=True) still probes the
+            # network for optional files (adapter_config.json) and waits through retries when offline
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(name_or_path, local_files_only=True)
+        else:
+            path = name_or_path
+        return cls.from_pretrained(path, local_files_only=local_files_only, **kwargs)
+    except Exception as e:  # OSError, ValueError, huggingface_hub's LocalEntryNotFoundError, …
+        raise FileNotFoundError(f"cannot load {what} {name_or_path!r} from the hub cache: {fetch} "
+                                f"[{type(e).__name__}]") from None
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def load_weights_file(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a torch pickle with torch.load(weights_only=True) only
+    (tensors and plain containers; nothing else is unpickled). A {'state_dict': …} wrapper is unwrapped."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a plain weights file (torch.load weights_only=True failed: "
+                         f"{type(e).__name__}); convert it to .safetensors") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path!r} holds a {type(sd).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _frozen(model: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """Reward model on device/dtype, eval mode (no dropout), no parameter requires grad."""
+    return model.to(device, dtype).eval().requires_grad_(False)
+
+
+def _cached(encode: Callable[[list[str]], torch.Tensor]) -> Callable[[list[str]], torch.Tensor]:
+    """prompts → stacked rows of encode(prompts), each prompt encoded once (no grad) and kept."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def lookup(prompts: list[str]) -> torch.Tensor:
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            with torch.no_grad():
+                cache.update(zip(missing, encode(missing)))
+        return torch.stack([cache[p] for p in prompts])
+
+    return lookup
 
 
 def _features(out) -> torch.Tensor:
@@ -104,32 +211,316 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def clipscore(device="cpu", dtype=torch.float32, clip_model: str = "openai/clip-vit-large-patch14") -> Reward:
-    """CLIP score (Hessel et al. 2021, without the 2.5·max(·, 0) rescaling): cosine between the
-    L2-normalised CLIP image and prompt embeddings. Text embeddings are cached per prompt."""
-    from transformers import CLIPModel, CLIPTokenizer
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
 
-    model = load_pretrained(CLIPModel, clip_model, "CLIP model").to(device, dtype).eval().requires_grad_(False)
-    tokenizer = load_pretrained(CLIPTokenizer, clip_model, "CLIP tokenizer")
-    size = model.config.vision_config.image_size
-    cache: dict[str, torch.Tensor] = {}
 
-    def text_embeddings(prompts: list[str]) -> torch.Tensor:
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
-        if missing:
-            ids = tokenizer(missing, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                            return_tensors="pt").input_ids.to(device)
-            with torch.no_grad():
-                emb = _features(model.get_text_features(input_ids=ids))
-            cache.update(zip(missing, torch.nn.functional.normalize(emb.float(), dim=-1)))
-        return torch.stack([cache[p] for p in prompts])
+# --- weight-free image rewards (smoke tests, CPU notebooks) -------------------------------------------
 
-    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = clip_preprocess(images.to(device, torch.float32), size).to(dtype)
-        img = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
-        return (img * text_embeddings(list(prompts))).sum(-1)
+REC709 = (0.2126, 0.7152, 0.0722)
+
+
+def brightness() -> Reward:
+    """Mean Rec. 709 luma Y = 0.2126 R + 0.7152 G + 0.0722 B of the image, in [0, 1]; ignores the prompt.
+    Not a quality measure: maximised by a white image. Cheap and exact, for smoke tests only."""
+
+    def reward(images: torch.Tensor, prompts=None) -> torch.Tensor:
+        w = torch.tensor(REC709, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+        return (images * w).sum(1).flatten(1).mean(1).float()
 
     return reward
 
 
+def saturation() -> Reward:
+    """Mean over pixels of the standard deviation of (R, G, B) at that pixel: 0 for any grey image,
+    at most √2/3 ≈ 0.471 (every pixel a pure primary). Smooth (unlike HSV max − min); ignores the prompt.
+    Not a quality measure: maximised by garish colours. For smoke tests only."""
+
+    def reward(images: torch.Tensor, prompts=None) -> torch.Tensor:
+        return images.std(dim=1, unbiased=False).flatten(1).mean(1).float()
+
+    return reward
+
+
+REWARDS["brightness"] = brightness
+REWARDS["saturation"] = saturation
+
+
+# --- CLIP score ----------------------------------------------------------------------------------------
+
+
+def clipscore(device="cpu", dtype=torch.float32, clip_model: str = "openai/clip-vit-large-patch14",
+              local_files_only: bool = False) -> Reward:
+    """CLIP score (Hessel et al. 2021, without the 2.5·max(·, 0) rescaling): cos(E_img(x), E_txt(c))
+    between the L2-normalised CLIP image and prompt embeddings, in [−1, 1] (≈ 0.2–0.35 for matching pairs)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = _frozen(load_pretrained(CLIPModel, clip_model, "CLIP model", local_files_only), device, dtype)
+    tokenizer = load_pretrained(CLIPTokenizer, clip_model, "CLIP tokenizer", local_files_only)
+    size = model.config.vision_config.image_size
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                        return_tensors="pt").input_ids.to(device)
+        return _normalize(_features(model.get_text_features(input_ids=ids)))
+
+    text = _cached(encode)
+
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(device, torch.float32), size).to(dtype)
+        img = _normalize(_features(model.get_image_features(pixel_values=pixels)))
+        return (img * text(list(prompts))).sum(-1)
+
+    reward.models = (model,)
+    return reward
+
+
 REWARDS["clipscore"] = clipscore
+
+
+# --- LAION aesthetic predictor -------------------------------------------------------------------------
+
+AESTHETIC_KEYS = [f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")]
+
+
+class AestheticMLP(torch.nn.Module):
+    """LAION improved-aesthetic-predictor head: e (B, d) → score (B, 1) through Linear layers
+    d→1024→128→64→16→1 with Dropout(0.2, 0.2, 0.1) between and no activations (so it is affine in e).
+    State-dict keys layers.{0,2,4,6,7}.{weight,bias}, as in sac+logos+ava1-l14-linearMSE.pth."""
+
+    def __init__(self, sizes=(768, 1024, 128, 64, 16, 1)):
+        super().__init__()
+        d = sizes
+        nn = torch.nn
+        self.layers = nn.Sequential(nn.Linear(d[0], d[1]), nn.Dropout(0.2), nn.Linear(d[1], d[2]), nn.Dropout(0.2),
+                                    nn.Linear(d[2], d[3]), nn.Dropout(0.1), nn.Linear(d[3], d[4]), nn.Linear(d[4], d[5]))
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.layers(e)
+
+
+def aesthetic_head(state_dict: dict[str, torch.Tensor]) -> AestheticMLP:
+    """An AestheticMLP with the widths read off `state_dict` (768→…→1 for the LAION file) and its weights."""
+    if sorted(state_dict) != sorted(AESTHETIC_KEYS):
+        raise ValueError(f"not a LAION aesthetic head: expected keys {AESTHETIC_KEYS}, got {sorted(state_dict)[:10]}")
+    sizes = [state_dict["layers.0.weight"].shape[1]] + [state_dict[f"layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6, 7)]
+    head = AestheticMLP(sizes)
+    head.load_state_dict(state_dict)
+    return head
+
+
+def aesthetic(device="cpu", dtype=torch.float32, clip_model: str = "openai/clip-vit-large-patch14",
+              aesthetic_head_path: str = "trl-lib/ddpo-aesthetic-predictor",
+              aesthetic_head_file: str = "aesthetic-model.pth", local_files_only: bool = False) -> Reward:
+    """LAION aesthetic score: MLP(e / ‖e‖), e = CLIP ViT-L/14 image embedding (`image_embeds`). Ignores
+    the prompt. Roughly a 1–10 rating scale (SD 1.5 samples ≈ 5–6.5). The head is a local .pth
+    (weights_only) / .safetensors file, a folder holding `aesthetic_head_file`, or that file of a hub repo."""
+    from transformers import CLIPVisionModelWithProjection
+
+    clip = load_pretrained(CLIPVisionModelWithProjection, clip_model, "CLIP vision model", local_files_only)
+    clip = _frozen(clip, device, dtype)
+    path = resolve_file(aesthetic_head_path, aesthetic_head_file, "aesthetic head", local_files_only)
+    head = _frozen(aesthetic_head(load_weights_file(path)), device, torch.float32)
+    if head.layers[0].in_features != clip.config.projection_dim:
+        raise ValueError(f"aesthetic head takes {head.layers[0].in_features}-d embeddings but {clip_model!r} "
+                         f"gives {clip.config.projection_dim}-d: use CLIP ViT-L/14 with the LAION head")
+    size = clip.config.image_size
+
+    def reward(images: torch.Tensor, prompts=None) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(device, torch.float32), size).to(dtype)
+        return head(_normalize(clip(pixel_values=pixels).image_embeds)).squeeze(-1)
+
+    reward.models = (clip, head)
+    return reward
+
+
+REWARDS["aesthetic"] = aesthetic
+
+
+# --- PickScore -----------------------------------------------------------------------------------------
+
+
+def pickscore(device="cpu", dtype=torch.float32, pickscore_model: str = "yuvalkirstain/PickScore_v1",
+              pickscore_tokenizer: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+              local_files_only: bool = False) -> Reward:
+    """PickScore (Kirstain et al. 2023): exp(logit_scale) · cos(E_img(x), E_txt(c)) of a CLIP ViT-H/14
+    fine-tuned on Pick-a-Pic; exp(logit_scale) = 100 for the released model, scores ≈ 18–23."""
+    from transformers import AutoModel, AutoTokenizer
+
+    model = _frozen(load_pretrained(AutoModel, pickscore_model, "PickScore model", local_files_only), device, dtype)
+    tokenizer = load_pretrained(AutoTokenizer, pickscore_tokenizer, "PickScore tokenizer", local_files_only)
+    size = model.config.vision_config.image_size
+    scale = model.logit_scale.detach().float().exp()
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=77, return_tensors="pt").to(device)
+        return _normalize(_features(model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)))
+
+    text = _cached(encode)
+
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(device, torch.float32), size).to(dtype)
+        img = _normalize(_features(model.get_image_features(pixel_values=pixels)))
+        return scale * (img * text(list(prompts))).sum(-1)
+
+    reward.models = (model,)
+    return reward
+
+
+REWARDS["pickscore"] = pickscore
+
+
+# --- HPSv2 ---------------------------------------------------------------------------------------------
+
+
+def _import_optional(module: str, package: str, reward: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or module.split(".")[0] == e.name.split(".")[0]:
+            raise ModuleNotFoundError(f"reward {reward!r} needs the optional package {package}: "
+                                      f"pip install {package} (see requirements-extras.txt)") from None
+        raise ImportError(f"reward {reward!r}: the installed {package} does not import here ({e}); "
+                          f"see requirements-extras.txt for versions that work") from None
+    except ImportError as e:
+        raise ImportError(f"reward {reward!r}: the installed {package} does not import here ({e}); "
+                          f"see requirements-extras.txt for versions that work") from None
+
+
+def hpsv2(device="cpu", dtype=torch.float32, hpsv2_checkpoint: str = "xswu/HPSv2",
+          hpsv2_file: str = "HPS_v2.1_compressed.pt", hpsv2_arch: str = "ViT-H-14",
+          local_files_only: bool = False) -> Reward:
+    """HPSv2 / v2.1 (Wu et al. 2023): cos(E_img(x), E_txt(c)) of an open_clip ViT-H/14 fine-tuned on human
+    preferences, as HPSv2's own scorer computes it (no logit scale); ≈ 0.2–0.35. `hpsv2_arch` is an
+    open_clip model name or 'local-dir:/folder' with an open_clip_config.json; weights from a local file
+    or `hpsv2_file` of a hub repo, loaded with weights_only=True. Needs open-clip-torch. Checked against
+    HPSv2's own (vendored open_clip) scoring on a full-size, randomly perturbed ViT-H-14: |Δ| < 1e-7."""
+    open_clip = _import_optional("open_clip", "open-clip-torch", "hpsv2")
+    path = resolve_file(hpsv2_checkpoint, hpsv2_file, "HPSv2 checkpoint", local_files_only)
+    model = open_clip.create_model(hpsv2_arch, pretrained=None)
+    try:  # open_clip's loader: weights_only=True, unwraps 'state_dict', converts older layouts
+        open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot load HPSv2 weights {path!r} into open_clip {hpsv2_arch!r}: {_first_line(e)}") from None
+    model = _frozen(model, device, dtype)
+    tokenizer = open_clip.get_tokenizer(hpsv2_arch)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = getattr(model.visual, "image_mean", None) or CLIP_MEAN
+    std = getattr(model.visual, "image_std", None) or CLIP_STD
+
+    text = _cached(lambda prompts: _normalize(model.encode_text(tokenizer(prompts).to(device))))
+
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(device, torch.float32), size, mean, std).to(dtype)
+        return (_normalize(model.encode_image(pixels)) * text(list(prompts))).sum(-1)
+
+    reward.models = (model,)
+    return reward
+
+
+REWARDS["hpsv2"] = hpsv2
+
+
+# --- ImageReward ---------------------------------------------------------------------------------------
+
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's own (r − μ)/σ
+
+
+def blip_vision_from_imagereward(sd: dict[str, torch.Tensor], prefix: str = "blip.visual_encoder."):
+    """ImageReward's BLIP ViT (timm layout: cls_token, pos_embed, blocks.N.{norm1,attn.qkv,attn.proj,norm2,
+    mlp.fc1,mlp.fc2}, norm) as transformers' BlipVisionModel (same maths: pre-norm ViT, LayerNorm eps 1e-6,
+    exact GELU, fused qkv, final LayerNorm on every token). Widths are read off the weights; heads = width/64."""
+    from transformers import BlipVisionConfig, BlipVisionModel
+
+    v = {k[len(prefix):]: t for k, t in sd.items() if k.startswith(prefix)}
+    width, patch = v["cls_token"].shape[-1], v["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in v if k.startswith("blocks."))
+    config = BlipVisionConfig(hidden_size=width, intermediate_size=v["blocks.0.mlp.fc1.weight"].shape[0],
+                              num_hidden_layers=depth, num_attention_heads=max(1, width // 64), patch_size=patch,
+                              image_size=patch * round((v["pos_embed"].shape[1] - 1) ** 0.5), layer_norm_eps=1e-6,
+                              hidden_act="gelu")
+    blocks = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
+              "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+
+    def rename(k: str) -> str:
+        if k in ("cls_token", "pos_embed"):
+            return {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding"}[k]
+        if k.startswith(("patch_embed.proj.", "norm.")):
+            return k.replace("patch_embed.proj.", "embeddings.patch_embedding.").replace("norm.", "post_layernorm.")
+        _, n, *sub, param = k.split(".")  # blocks.N.<sub>.<param>
+        return f"encoder.layers.{n}.{blocks['.'.join(sub)]}.{param}"
+
+    converted = {rename(k): t for k, t in v.items()}
+    model = BlipVisionModel(config)
+    model.load_state_dict(converted, strict=True)
+    return model
+
+
+def blip_text_from_imagereward(sd: dict[str, torch.Tensor], med_config: dict, vision_width: int,
+                               prefix: str = "blip.text_encoder."):
+    """ImageReward's BLIP text encoder (BERT with cross-attention to the image tokens in every layer,
+    `med` in BLIP) as transformers' BlipTextModel, the port of the same code: same key names."""
+    from transformers import BlipTextConfig
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id", "bos_token_id", "sep_token_id")
+    # config.is_decoder (default True) only builds the cross-attention layers; the forward pass stays
+    # bidirectional (is_decoder=False there), as BLIP's 'multimodal' encoder mode
+    config = BlipTextConfig(**{k: med_config[k] for k in keys if k in med_config}, encoder_hidden_size=vision_width)
+    model = BlipTextModel(config, add_pooling_layer=False)
+    t = {k[len(prefix):]: w for k, w in sd.items() if k.startswith(prefix) and not k.endswith("position_ids")}
+    result = model.load_state_dict(t, strict=False)  # position_ids is a buffer, in either file or not
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"ImageReward text encoder weights do not fit BLIP's: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}")
+    return model
+
+
+def imagereward(device="cpu", dtype=torch.float32, imagereward_checkpoint: str = "THUDM/ImageReward",
+                imagereward_tokenizer: str = "google-bert/bert-base-uncased", local_files_only: bool = False) -> Reward:
+    """ImageReward (Xu et al. 2023), scored from an image tensor as its ReFL code does (score_gard): BLIP
+    ViT-L/16 on the 224 px CLIP-normalised image, BERT text encoder cross-attending to the image tokens
+    (prompt ids, max 35 tokens, cached), MLP on the [CLS] feature, (r − 0.1672)/1.0333; ≈ −2…2, 0 ≈ average.
+    Re-implemented on transformers' BLIP classes (the image-reward package does not import with
+    transformers 5): ImageReward.pt (weights_only=True) + med_config.json from a folder or hub repo.
+    Checked against image-reward 1.5's score_gard on a full-size, randomly perturbed model: identical."""
+    import json
+
+    from transformers import BertTokenizer
+
+    weights = resolve_file(imagereward_checkpoint, "ImageReward.pt", "ImageReward weights", local_files_only)
+    med_path = resolve_file(imagereward_checkpoint, "med_config.json", "ImageReward BLIP config", local_files_only)
+    tokenizer = load_pretrained(BertTokenizer, imagereward_tokenizer, "ImageReward (BERT) tokenizer", local_files_only)
+    sd = load_weights_file(weights)
+    with open(med_path) as f:
+        med_config = json.load(f)
+    vision = _frozen(blip_vision_from_imagereward(sd), device, dtype)
+    text = _frozen(blip_text_from_imagereward(sd, med_config, vision.config.hidden_size), device, dtype)
+    head = _frozen(aesthetic_head({k[4:]: w for k, w in sd.items() if k.startswith("mlp.")}), device, torch.float32)
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        tok = tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        return torch.stack([tok.input_ids, tok.attention_mask], 1)  # (B, 2, 35): ids and mask
+
+    tokens = _cached(encode)
+
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        pixels = clip_preprocess(images.to(device, torch.float32), vision.config.image_size).to(dtype)
+        tok = tokens(list(prompts)).to(device)
+        feats = vision(pixel_values=pixels).last_hidden_state  # (B, 1 + N, 1024) image tokens
+        atts = torch.ones(feats.shape[:-1], dtype=torch.long, device=device)
+        out = text(input_ids=tok[:, 0], attention_mask=tok[:, 1], encoder_hidden_states=feats,
+                   encoder_attention_mask=atts, return_dict=True)
+        r = head(out.last_hidden_state[:, 0, :].float()).squeeze(-1)
+        return (r - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+    reward.models = (vision, text, head)
+    return reward
+
+
+REWARDS["imagereward"] = imagereward
