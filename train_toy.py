@@ -6,7 +6,7 @@ backpropagation baselines). The same `shortft.py` chain code runs Stable Diffusi
 
 Pipeline (each stage cached under runs/cache/ by its config):
     data        ring of `modes` Gaussians; class c = a sector of `modes/classes` modes (the "prompt")
-    base        MLP ε-model ε_θ(x_t, t, s, c) with CFG (null class), trained with s = t
+    base        MLP ε-model ε_θ(x_t, t, s, c) with CFG (null class); the base ignores s (zero `inp_s`)
     shortcut    LoRA "shortcut" on the base, distilled from the base's 50-step DDIM trajectories
                 (values + Jacobian-vector products, see shortcut.py); jumps t → s in one evaluation
     fine-tune   LoRA "tuned" (same config for every method) by reward backpropagation, one method
@@ -29,6 +29,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,23 +176,27 @@ def timestep_embedding(t: torch.Tensor, dim: int = 32, max_period: float = 1000.
 
 
 class EpsMLP(nn.Module):
-    """ε_θ(x_t, t, s, c): residual MLP on [x_t, emb(t), emb(s), emb(c)].
+    """ε_θ(x_t, t, s, c): residual MLP on [x_t, emb(t), emb(c)] plus `inp_s`·emb(s).
 
-    The jump end s is an input so that the shortcut can be a LoRA on this very network: the base is
-    pretrained with s = t (a jump of length zero is the ordinary ε-prediction), and the shortcut LoRA
-    learns to use s. Class `classes` is the null class of classifier-free guidance."""
+    The jump end s is an input so that the shortcut can be a LoRA on this very network. `inp_s` is a
+    zero Linear that pretraining never updates, so the base ignores s exactly (it is an ordinary
+    ε-model) and a shortcut LoRA at its zero init *is* the base's own DDIM step t → s; distillation
+    then teaches the LoRA (on `inp_s` and every other Linear) to use s. Class `classes` is the null
+    class of classifier-free guidance."""
 
-    def __init__(self, hidden: int = 64, depth: int = 3, classes: int = 4, emb: int = 32):
+    def __init__(self, hidden: int = 64, depth: int = 2, classes: int = 4, emb: int = 32):
         super().__init__()
         self.emb = emb
         self.class_emb = nn.Embedding(classes + 1, emb)
-        self.inp = nn.Linear(2 + 3 * emb, hidden)
+        self.inp = nn.Linear(2 + 2 * emb, hidden)
+        self.inp_s = nn.Linear(emb, hidden, bias=False)
+        nn.init.zeros_(self.inp_s.weight)
         self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        z = torch.cat([x, timestep_embedding(t, self.emb), timestep_embedding(s, self.emb), self.class_emb(c)], 1)
-        h = self.inp(z)
+        z = torch.cat([x, timestep_embedding(t, self.emb), self.class_emb(c)], 1)
+        h = self.inp(z) + self.inp_s(timestep_embedding(s, self.emb))
         for layer in self.hidden:
             h = h + layer(F.silu(h))
         return self.out(F.silu(h))  # (B, 2)
@@ -208,7 +213,9 @@ def add_lora(model: nn.Module, name: str, rank: int, seed: int, targets: list[st
 
     state = torch.get_rng_state()
     torch.manual_seed(seed)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), model, adapter_name=name)
+    with warnings.catch_warnings():  # peft warns that a second adapter is added: that is the design
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), model, adapter_name=name)
     torch.set_rng_state(state)
 
 
@@ -254,7 +261,8 @@ def guided_eps(model: nn.Module, x, t, s, c, w: float, null: int) -> torch.Tenso
 
 def batched_eps(toy: Toy, adapters: list[str], guided: bool = True, use_s: bool = False):
     """eps_fn(x, t, s, c) with per-sample timesteps for `adapters` (shortcut.py's batched form).
-    Ordinary ε-models see s = t; the shortcut sees the jump end (`use_s`)."""
+    Ordinary ε-models are given s = t (the base ignores s; a tuned LoRA sees the same input in training
+    and sampling); the shortcut sees the jump end (`use_s`)."""
 
     def eps_fn(x, t, s, c):
         use_adapters(toy.model, adapters, toy.layers)
@@ -313,10 +321,11 @@ def sample(toy: Toy, x_T: torch.Tensor, cond: torch.Tensor, model: str = "tuned"
 
 def config_key(args: Args, fields: list[str]) -> str:
     """Short hash of the arguments a cached stage depends on."""
-    blob = json.dumps({f: getattr(args, f) for f in fields}, sort_keys=True)
+    blob = json.dumps({"version": CACHE_VERSION, **{f: getattr(args, f) for f in fields}}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
+CACHE_VERSION = 2  # bump when the model or a cached stage changes
 BASE_FIELDS = ["seed", "radius", "modes", "classes", "mode_std", "hidden", "depth", "pretrain_steps",
                "pretrain_batch", "p_uncond"]
 SHORTCUT_FIELDS = BASE_FIELDS + ["guidance_scale", "num_steps", "shortcut_rank", "distill_steps",
@@ -324,14 +333,14 @@ SHORTCUT_FIELDS = BASE_FIELDS + ["guidance_scale", "num_steps", "shortcut_rank",
 
 
 def pretrain_base(args: Args, schedule: shortft.NoiseSchedule, progress: bool = True) -> tuple[EpsMLP, list[float]]:
-    """Train ε_θ with  L = E ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, t, c)‖²  (DDPM), classes dropped to the
-    null class with probability p_uncond. Returns (model, loss history)."""
+    """Train ε_θ with  L = E ‖ε − ε_θ(√ᾱ_t x_0 + √(1−ᾱ_t) ε, t, ·, c)‖²  (DDPM), classes dropped to the
+    null class with probability p_uncond; `inp_s` stays zero (the base ignores s). Returns (model, losses)."""
     from tqdm import tqdm
 
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     model = EpsMLP(args.hidden, args.depth, args.classes)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("inp_s.")], lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.pretrain_steps)
     ac = schedule.alphas_cumprod.float()
     losses = []
@@ -530,7 +539,7 @@ def gradient_cosines(toy: Toy, args: Args, reward_fn, methods=("shortft", "drtun
             cos_x = None
             if segs[0].s is not shortft.X0:  # ReFL's step returns x̂_0: there is no x_{τ_{k−1}} to compare
                 gx = step_gradient(toy, x_k, cond, segs, reward_fn, "x")
-                cos_x = F.cosine_similarity(gx, ref["x"], dim=1, eps=1e-12).mean().item()
+                cos_x = shortft.cosine(gx, ref["x"])
             out[m][str(t)] = {"lora": shortft.cosine(lora, ref["lora"]), "x": cos_x}
     return out
 
