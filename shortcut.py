@@ -132,19 +132,32 @@ def make_distillation_set(x_t, t, s, c, teacher_eps, schedule, grid, generator=N
     return {"x_t": x_t, "t": t, "s": s, "c": c, "v": v, "x_s": x_s, "jv": jv}
 
 
-def distillation_loss(batch: dict[str, torch.Tensor], student_eps, schedule, jvp_weight: float = 1.0, h: float = 1e-3):
-    """L = mean ‖x_s^φ − x_s^teacher‖² + λ_jvp mean ‖J_φ v − J_Φ v‖² (sums over the point dimension).
-    With λ_jvp = 0 this is plain value (trajectory) matching. Returns (loss, value part, jvp part)."""
+def jump_eps_coefficient(t: torch.Tensor, s: torch.Tensor, schedule) -> torch.Tensor:
+    """b_{t→s} in x_s = √(ᾱ_s/ᾱ_t) x_t + b ε:  b = √(1−ᾱ_s) − √(ᾱ_s (1−ᾱ_t) / ᾱ_t), (B,).
+    |b| is how much an error in the jump's ε moves x_s (≈14 for 981 → x_0, ≈0 for tiny jumps)."""
+    a_t, a_s = alpha_bar_at(schedule, t), alpha_bar_at(schedule, s)
+    return (1 - a_s).sqrt() - (a_s * (1 - a_t) / a_t).sqrt()
+
+
+def distillation_loss(batch: dict[str, torch.Tensor], student_eps, schedule, jvp_weight: float = 1.0, h: float = 1e-3,
+                      weight_power: float = 1.0, weight_floor: float = 0.1):
+    """L = mean w (‖x_s^φ − x_s^teacher‖² + λ_jvp ‖J_φ v − J_Φ v‖²),  w = (|b_{t→s}| + floor)^(−p).
+
+    p = 0 is plain x-space matching, dominated by the long jumps (|b| up to ≈14) so that short jumps
+    near x_0 drift from the base's accurate steps; p = 2 is ε-space matching; p = 1 (default) sits
+    between. With λ_jvp = 0 this is value (trajectory) matching only. Returns (loss, value, jvp)."""
+    w = (jump_eps_coefficient(batch["t"], batch["s"], schedule).abs() + weight_floor) ** (-weight_power)
+    w = w / w.mean()
 
     def student(x, t_, s_, c_):
         return jump(x, t_, s_, c_, student_eps, schedule)
 
     if jvp_weight > 0:
         x_s, jv = central_difference_jvp(student, batch["x_t"], batch["v"], batch["t"], batch["s"], batch["c"], h=h)
-        jvp_part = (jv - batch["jv"]).pow(2).flatten(1).sum(1).mean()
+        jvp_part = (w * (jv - batch["jv"]).pow(2).flatten(1).sum(1)).mean()
     else:
         x_s, jvp_part = student(batch["x_t"], batch["t"], batch["s"], batch["c"]), torch.zeros(())
-    value_part = (x_s - batch["x_s"]).pow(2).flatten(1).sum(1).mean()
+    value_part = (w * (x_s - batch["x_s"]).pow(2).flatten(1).sum(1)).mean()
     return value_part + jvp_weight * jvp_part, value_part.detach(), jvp_part.detach()
 
 
