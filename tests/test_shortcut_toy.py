@@ -11,6 +11,15 @@ import shortft
 import train_toy as T
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The toy MLP is tiny: one thread is as fast and does not fight other processes for cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def linear_eps(x, t, s, c):
     """An exact ε for N(0, σ² I) data with σ = 2: ε(x_t) = √(1−ᾱ_t) x_t / (ᾱ_t σ² + 1 − ᾱ_t)."""
     a = shortcut.alpha_bar_at(shortft.make_schedule(), t)[:, None]
@@ -90,16 +99,15 @@ def test_adapter_save_load_roundtrip(tmp_path):
         shortcut.adapter_state_dict(m3, "tuned")
 
 
-@pytest.mark.slow
 def test_distilled_shortcut_meets_trajectory_error_bound(tmp_path):
-    """A small budget: the 4-jump shortcut lands much closer to the 50-step DDIM endpoint than the
-    base's own 4-step DDIM, and within a fixed fraction of the data radius."""
-    torch.set_num_threads(2)
-    args = T.Args(out=str(tmp_path), hidden=32, depth=1, pretrain_steps=400, pretrain_batch=256,
-                  shortcut_rank=16, distill_steps=400, distill_pairs=2048, distill_batch=256)
+    """A small budget (≈10 s): the 4-jump shortcut lands much closer to the 50-step DDIM endpoint than
+    the base's own 4-step DDIM (which is where the zero-initialised shortcut LoRA starts), and within
+    6% of the data radius."""
+    args = T.Args(out=str(tmp_path), hidden=32, depth=1, pretrain_steps=600, pretrain_batch=256,
+                  shortcut_rank=16, distill_steps=1200, distill_pairs=2048, distill_batch=256)
     toy, _ = T.build_toy(args, progress=False)
     g = torch.Generator().manual_seed(0)
     x_T, c = torch.randn(256, 2, generator=g), torch.randint(0, 4, (256,), generator=g)
     err = T.trajectory_error(toy, x_T, c, args.radius, jumps=(4,))["4"]
-    assert err["mean"] < 0.6 * err["ddim_mean"], err
-    assert err["mean"] < 0.10, err
+    assert err["mean"] < 0.7 * err["ddim_mean"], err
+    assert err["mean"] < 0.06, err
