@@ -432,7 +432,7 @@ def build_toy(args: Args, progress: bool = True) -> tuple[Toy, dict]:
     for i, name in enumerate(tuned):
         add_lora(model, name, args.lora_rank, args.seed + 3 + i, targets)
     model.requires_grad_(False)
-    toy = Toy(model, schedule, grid, args.guidance_scale, args.classes, tuned, sorted(args.lora_ranges, reverse=True),
+    toy = Toy(model, schedule, grid, args.guidance_scale, args.classes, tuned, sorted((int(b) for b in args.lora_ranges), reverse=True),
               shortcut.lora_layers(model))
 
     sc_path = cache / f"shortcut_{config_key(args, SHORTCUT_FIELDS)}.safetensors"
@@ -878,7 +878,7 @@ def main(args: Args) -> dict:
         scatters[m] = (before.numpy(), after.numpy())
         on_ring[m] = (quality(before, c_eval).mean().item(), quality(after, c_eval).mean().item())
         if args.compare:
-            shortcut.save_adapter(toy.model, toy.tuned[0], run_dir / f"lora_{m}.safetensors")
+            runio.save_tensors(tuned_weights(toy), run_dir / f"lora_{m}.safetensors")
     metrics["methods"] = summarise(results)
     for m, (q0, q1) in on_ring.items():  # "quality" (ring log-density) of the samples: did the method hack r?
         metrics["methods"][m].update({"quality_before": q0, "quality_after": q1})
