@@ -8,7 +8,8 @@ Pipeline (each stage cached under runs/cache/ by its config):
     data        ring of `modes` Gaussians; class c = a sector of `modes/classes` modes (the "prompt")
     base        MLP ε-model ε_θ(x_t, t, s, c) with CFG (null class); the base ignores s (zero `inp_s`)
     shortcut    LoRA "shortcut" on the base, distilled from the base's 50-step DDIM trajectories
-                (values + Jacobian-vector products, see shortcut.py); jumps t → s in one evaluation
+                (per-jump weighted value matching; optional JVP term, see shortcut.py); jumps t → s in
+                one evaluation
     fine-tune   LoRA "tuned" (same config for every method) by reward backpropagation, one method
                 (--method) or all seven with the same budget (--compare, the default)
     measure     trajectory error of the shortcut, gradient cosine vs the complete chain, gradient
@@ -83,14 +84,14 @@ class Args:
     # shortcut
     shortcut_rank: int = 32
     """LoRA rank of the shortcut"""
-    distill_steps: int = 2000
+    distill_steps: int = 4000
     """Adam steps of shortcut distillation"""
     distill_pairs: int = 8192
     """(x_t, t, s) teacher targets computed once for distillation"""
     distill_batch: int = 512
     """batch of shortcut distillation"""
-    jvp_weight: float = 1.0
-    """λ_jvp: weight of the Jacobian-vector-product term (0 = plain value matching)"""
+    jvp_weight: float = 0.0
+    """λ_jvp: weight of the Jacobian-vector-product term (0 = value matching only; 1 = the ablation)"""
     distill_weight_power: float = 2.0
     """p of the per-jump loss weight (|b_{t→s}| + 0.1)^(−p): 0 = x-space, 2 = ε-space (shortcut.py)"""
     # fine-tuning
