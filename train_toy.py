@@ -817,7 +817,10 @@ def plot_all(run_dir: Path, metrics: dict, scatters: dict, traj: dict | None, ra
 
 
 def main(args: Args) -> dict:
-    check_args(args)
+    try:
+        check_args(args)
+    except ValueError as e:  # bad arguments: one line, no traceback
+        raise SystemExit(f"train_toy.py: error: {e}") from None
     torch.set_num_threads(args.threads)
     run_dir = Path(args.out) / args.name
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def test_resume_equals_uninterrupted(out):
     (dict(resume=True), "single-method"),
 ])
 def test_bad_input_one_line_error(out, kw, msg):
-    with pytest.raises(ValueError, match=msg) as e:
+    with pytest.raises(SystemExit, match=msg) as e:
         T.main(T.Args(out=str(out), name="bad", **dict(TINY, **kw)))
     assert "\n" not in str(e.value)
 
