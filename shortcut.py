@@ -143,7 +143,7 @@ def jump_eps_coefficient(t: torch.Tensor, s: torch.Tensor, schedule) -> torch.Te
     return (1 - a_s).sqrt() - (a_s * (1 - a_t) / a_t).sqrt()
 
 
-def distillation_loss(batch: dict[str, torch.Tensor], student_eps, schedule, jvp_weight: float = 1.0, h: float = 1e-3,
+def distillation_loss(batch: dict[str, torch.Tensor], student_eps, schedule, jvp_weight: float = 0.0, h: float = 1e-3,
                       weight_power: float = 1.0, weight_floor: float = 0.1):
     """L = mean w (‖x_s^φ − x_s^teacher‖² + λ_jvp ‖J_φ v − J_Φ v‖²),  w = (|b_{t→s}| + floor)^(−p).
 

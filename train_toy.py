@@ -113,7 +113,7 @@ class Args:
     """training budget per method, in `budget_unit`"""
     budget_unit: str = "seconds"
     """'seconds' (wall-clock, evaluation excluded) or 'updates' (bit-reproducible)"""
-    evals: int = 10
+    evals: int = 20
     """reward evaluations per method (evenly spaced over the budget, plus one before training)"""
     eval_batch: int = 512
     """fixed (x_T, class) pairs of the reward evaluation (50-step no-grad DDIM)"""
@@ -627,8 +627,10 @@ def evaluate(toy: Toy, x_T, cond, reward_fn) -> tuple[float, torch.Tensor]:
 
 def finetune(toy: Toy, method: str, args: Args, reward_fn, eval_set, run_dir: Path | None = None,
              progress: bool = True) -> dict:
-    """Fine-tune the trainable LoRA with `method` for `args.budget` (seconds of update time, or updates).
-    Logs reward/mean at `args.evals` evenly spaced points; saves/resumes checkpoints in run_dir."""
+    """Fine-tune the trainable LoRA with `method` for `args.budget` (seconds of update time, or updates):
+    the reward-backpropagation loop, in three sections (sample / reward / update). Logs reward/mean at
+    `args.evals` evenly spaced points (evaluation time excluded); saves/resumes checkpoints in run_dir.
+    Returns the loop state: update, seconds, skipped, curve."""
     from tqdm import tqdm
 
     params = toy.tuned_params()
@@ -686,14 +688,14 @@ def finetune(toy: Toy, method: str, args: Args, reward_fn, eval_set, run_dir: Pa
             bar.set_postfix_str(f"reward {log_eval():.3f}")
             next_eval = args.budget * len(state["curve"]) / args.evals
         if run_dir is not None and args.save_every and state["update"] % args.save_every == 0:
-            save(run_dir, toy, opt, state, chain_rng)
+            save_run_checkpoint(run_dir, toy, opt, state, chain_rng)
     bar.close()
     if run_dir is not None:
-        save(run_dir, toy, opt, state, chain_rng)
+        save_run_checkpoint(run_dir, toy, opt, state, chain_rng)
     return state
 
 
-def save(run_dir: Path, toy: Toy, opt, state: dict, chain_rng: random.Random) -> Path:
+def save_run_checkpoint(run_dir: Path, toy: Toy, opt, state: dict, chain_rng: random.Random) -> Path:
     """Checkpoint: trainable LoRA + optimizer + RNGs + loop state (runio, atomic safetensors)."""
     return runio.save_checkpoint(run_dir, state["update"], tuned_weights(toy), opt,
                                  {**state, "chain_rng": list(_listify(chain_rng.getstate()))})
