@@ -66,6 +66,66 @@ def make_reward(spec: str, **kwargs) -> Reward:
 
 
 # ----------------------------------------------------------------------------- toy rewards (2D points)
+#
+# Analytic rewards on the toy's ring of Gaussians (mode j at angle 2πj/modes, radius `ring_radius`;
+# class c owns `modes/classes` consecutive modes). x (B, 2) points, cond (B,) long class labels.
+
+
+def mode_centers(ring_radius: float = 2.0, modes: int = 8) -> torch.Tensor:
+    """μ_j = R (cos 2πj/m, sin 2πj/m), (modes, 2)."""
+    angle = torch.arange(modes, dtype=torch.float32) * (2 * torch.pi / modes)
+    return ring_radius * torch.stack([angle.cos(), angle.sin()], dim=1)
+
+
+def class_directions(modes: int = 8, classes: int = 4) -> torch.Tensor:
+    """Unit vector to the middle of each class's sector of modes, (classes, 2)."""
+    if modes % classes:
+        raise ValueError(f"modes ({modes}) must be a multiple of classes ({classes})")
+    per = modes // classes
+    angle = (torch.arange(classes, dtype=torch.float32) * per + (per - 1) / 2) * (2 * torch.pi / modes)
+    return torch.stack([angle.cos(), angle.sin()], dim=1)
+
+
+def region(center: tuple[float, float] = (0.0, 2.0), region_radius: float = 0.3) -> Reward:
+    """Pull to a region:  r(x) = −max(‖x − center‖ − ρ, 0)²  (0 inside the disc of radius ρ)."""
+    c = torch.tensor(center, dtype=torch.float32)
+
+    def reward(x, cond=None):
+        d = (x - c.to(x.device, x.dtype)).norm(dim=-1)
+        return -torch.relu(d - region_radius).pow(2)
+
+    return reward
+
+
+def class_agreement(modes: int = 8, classes: int = 4, sharpness: float = 4.0) -> Reward:
+    """Agree with the class condition:  r(x, c) = log p(c | x) of a von Mises sector classifier,
+    p(c | x) ∝ exp(κ cos ∠(x, u_c)) with u_c the direction of class c's sector."""
+    u = class_directions(modes, classes)
+
+    def reward(x, cond):
+        cos = x @ u.to(x.device, x.dtype).T / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (B, classes)
+        logp = torch.log_softmax(sharpness * cos, dim=-1)
+        return logp.gather(1, torch.as_tensor(cond, device=x.device).long().view(-1, 1)).squeeze(1)
+
+    return reward
+
+
+def quality(ring_radius: float = 2.0, modes: int = 8, smoothing: float = 0.25) -> Reward:
+    """Smooth "quality" score: log-density of the ring smoothed to width σ, shifted so a mode scores 0:
+    r(x) = log Σ_j exp(−‖x − μ_j‖² / 2σ²)."""
+    mu = mode_centers(ring_radius, modes)
+
+    def reward(x, cond=None):
+        d2 = (x[:, None, :] - mu.to(x.device, x.dtype)[None]).pow(2).sum(-1)  # (B, modes)
+        return torch.logsumexp(-d2 / (2 * smoothing**2), dim=-1)
+
+    return reward
+
+
+REWARDS["region"] = region
+REWARDS["class_agreement"] = class_agreement
+REWARDS["quality"] = quality
+
 
 
 # ----------------------------------------------------------------------------- image rewards (SD)
