@@ -33,6 +33,10 @@ import runio
 import shortcut
 import shortft
 
+# x86 CPUs run 10-100x slower on denormal floats, which random tiny models produce in abundance. The flag is
+# per thread and worker threads copy it when they start, so it is set here, before any parallel work.
+torch.set_flush_denormal(True)
+
 
 @dataclass
 class Args:
@@ -44,6 +48,8 @@ class Args:
     """parent folder of run folders"""
     tiny: bool = False
     """build tiny random SD components, a tiny CLIP reward and a stand-in shortcut LoRA (no downloads)"""
+    tiny_dir: str = ""
+    """where --tiny builds (or reuses) its files (empty: runs/<name>/tiny)"""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """hub id or local folder of the SD1.5 pipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"""
     method: str = "shortft"
@@ -138,9 +144,8 @@ class Args:
     """extra trackers through accelerate: tensorboard, wandb (metrics.jsonl is always written)"""
 
 
-TINY = dict(resolution=32, steps=4, eval_every=0, eval_samples=4, save_every=2, lora_rank=4, lora_alpha=4.0,
-            name="sd-tiny")
-"""--tiny replaces these defaults (values given on the command line win)."""
+TINY = dict(resolution=32, steps=4, eval_every=0, eval_samples=4, save_every=2, name="sd-tiny")
+"""--tiny replaces these defaults (fields set to anything other than their default are kept)."""
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -361,32 +366,35 @@ def check_args(args: Args) -> None:
         raise ValueError(f"unknown mixed precision {args.mixed_precision!r}: use no, bf16 or fp16")
 
 
-def apply_tiny(args: Args, run_dir: Path) -> Args:
+def apply_tiny(args: Args) -> Args:
     """--tiny: build tiny SD, CLIP and shortcut files under runs/<name>/tiny/ and point the args at them."""
     import tiny
 
     defaults = Args()
-    args = dataclasses.replace(args, **{k: v for k, v in TINY.items() if getattr(args, k) == getattr(defaults, k)})
-    root = Path(args.out_dir) / args.name / "tiny"
+    keep = lambda k: getattr(args, k) != getattr(defaults, k)  # noqa: E731
+    args = dataclasses.replace(args, **{k: v for k, v in TINY.items() if not keep(k)})
+    root = Path(args.tiny_dir) if args.tiny_dir else Path(args.out_dir) / args.name / "tiny"
     sd = tiny.tiny_sd(root / "sd")
     if not (root / "clip" / "config.json").is_file():
         tiny.tiny_clip(root / "clip")
     sc = root / "shortcut_lora.safetensors"
     if not sc.is_file():
         tiny.tiny_shortcut_lora(sc, sd / "unet")
-    return dataclasses.replace(args, model=str(sd), reward="clipscore", clip_model=str(root / "clip"), shortcut=str(sc))
+    tiny_files = dict(model=str(sd), reward="clipscore", clip_model=str(root / "clip"), shortcut=str(sc))
+    return dataclasses.replace(args, **{k: v for k, v in tiny_files.items() if not keep(k)})
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def main(args: Args) -> dict:
+    """Train; returns {"run_dir", "step", "skipped", "eval", "args"}."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     if args.tiny:
-        args = apply_tiny(args, Path(args.out_dir) / args.name)
+        args = apply_tiny(args)
     args = dataclasses.replace(args, timestep_boundaries=[int(b) for b in args.timestep_boundaries],
                                train_prompts=str(find_file(args.train_prompts)),
                                eval_prompts=str(find_file(args.eval_prompts)))
