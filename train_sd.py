@@ -176,6 +176,10 @@ def load_components(model: str, device="cpu", dtype=torch.float32) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(f"model folder {model!r} does not exist: pass an SD1.5 pipeline folder or a hub id "
+                                f"such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+
     def load(cls, sub):
         return rewards.load_pretrained(cls, model, f"SD {sub}", subfolder=sub)
 

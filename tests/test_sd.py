@@ -209,7 +209,7 @@ def test_newcomer_command(tmp_path):
     (dict(shortcut="nope"), ValueError, "unknown shortcut 'nope'"),
     (dict(shortcut="missing/shortcut.safetensors"), FileNotFoundError, "does not exist"),
     (dict(train_prompts="EMPTY"), ValueError, "has no prompts"),
-    (dict(tiny=False, model="/no/such/model", reward="clipscore"), FileNotFoundError, "hf download"),
+    (dict(tiny=False, model="/no/such/model", reward="clipscore", method="draft_k"), FileNotFoundError, "does not exist"),
 ])
 def test_bad_input_one_line_errors(tiny_dir, tmp_path, change, error, words):
     if change.get("train_prompts") == "EMPTY":
