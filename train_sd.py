@@ -495,8 +495,8 @@ def main(args: Args) -> dict:
     side = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     last_eval = None
     bar = tqdm(total=args.steps, initial=step, disable=not main_proc, desc=args.method)
+    t0 = time.perf_counter()
     while step < args.steps:
-        t0 = time.perf_counter()
         with accelerator.accumulate(unet):
             # --- sample ---
             prompts = [random.choice(train_prompts) for _ in range(args.batch_size)]
@@ -526,7 +526,7 @@ def main(args: Args) -> dict:
         bar.set_postfix(reward=f"{r.mean().item():.4f}", grad=f"{norm:.3g}")
         metrics = {"step": step, "loss": loss.item(), "reward/mean": r.mean().item(),
                    "reward/std": r.std(unbiased=False).item() if r.numel() > 1 else 0.0, "grad/norm": norm,
-                   "update/skipped": skipped, "time/update_s": time.perf_counter() - t0,
+                   "update/skipped": skipped, "time/update_s": time.perf_counter() - t0,  # all micro-batches
                    "chain/grad_evals": shortft.chain_cost(chain)["grad"]}
         if main_proc:
             runio.append_jsonl(metrics, run_dir / "metrics.jsonl")
@@ -536,6 +536,7 @@ def main(args: Args) -> dict:
                 last_eval = evaluate(f"step{step:06d}")
             if step % args.save_every == 0 or step == args.steps:
                 save()
+        t0 = time.perf_counter()
     bar.close()
     if main_proc:
         if last_eval is None or last_eval["step"] != step:
