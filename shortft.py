@@ -454,7 +454,7 @@ def shortft(
         trunk += _steps("shortcut", before, grad=False)
     trunk += _steps("tuned", points[k : k + trained_steps + 1], grad=True, checkpoint=checkpoint)
     if t_end != CLEAN:
-        after = jump_timesteps(t_end, CLEAN, min(jumps_after, t_end - CLEAN))  # near x_0 fewer jumps fit
+        after = jump_timesteps(t_end, CLEAN, min(jumps_after, t_end - CLEAN))
         trunk += _steps(shortcut, after, grad=True, checkpoint=checkpoint)
     return Chain(trunk)
 
