@@ -448,6 +448,8 @@ def main(args: Args) -> dict:
             for n, w in weights.items():
                 named[n].copy_(w)
         step, skipped = state["step"], state["skipped"]
+        if accelerator.num_processes > 1:  # the checkpoint holds one process's RNG: give each its own stream again
+            set_seed(args.seed + 1000 * step + accelerator.process_index)
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
@@ -543,6 +545,7 @@ def main(args: Args) -> dict:
             last_eval = evaluate(f"step{step:06d}")
         if not (run_dir / "lora").is_dir():
             save()
+        print(f"LoRA: {run_dir / 'lora'} (pipe.load_lora_weights('{run_dir / 'lora'}') in any SD1.5 pipeline)")
     accelerator.end_training()
     return {"run_dir": run_dir, "step": step, "skipped": skipped, "eval": last_eval, "args": args}
 
