@@ -109,7 +109,7 @@ class Args:
     """ShortFT: how the trained step is drawn: uniform | stratified (by timestep-aware range)"""
     draft_k: int = 1
     """DRaFT-K: steps with gradient"""
-    lv_n: int = 2
+    draft_lv_n: int = 2
     """DRaFT-LV: re-noised copies"""
     alignprop_k_min: int = 1
     """AlignProp: minimum truncation length"""
@@ -281,7 +281,7 @@ def chain_switches(args: Args) -> dict:
         "shortft": dict(jumps_before=args.jumps_before, jumps_after=args.jumps_after,
                         trained_steps=args.trained_steps, lora_in_shortcut=args.lora_in_shortcut,
                         sampling=args.sampling, boundaries=tuple(args.timestep_boundaries)),
-        "full": {}, "draft_k": dict(k=args.draft_k), "draft_lv": dict(n=args.lv_n),
+        "full": {}, "draft_k": dict(k=args.draft_k), "draft_lv": dict(n=args.draft_lv_n),
         "alignprop": dict(k_min=args.alignprop_k_min, k_max=args.alignprop_k_max),
         "refl": dict(last=args.refl_last), "drtune": dict(k=args.drtune_k),
     }[args.method]
