@@ -101,10 +101,10 @@ class Args:
     """run every method with the same budget (the main job)"""
     reward: str = "region:1,quality:1"
     """reward spec (names: region, quality, class_agreement, class_shift, mode_shift). The default pulls
-    every class into a disc around the top mode AND keeps samples on the ring: a sample can reach the
-    disc cheaply only by committing to the top mode early (a last-step drag crosses the off-ring valley
-    between modes that `quality` penalises), so late-step-only methods stall; 'region' alone lets the
-    last step drag points anywhere (every method then looks alike, see README)"""
+    every class towards a disc around the top mode AND keeps samples on the ring: the gain comes from
+    moving each class's mass onto its mode nearest the disc, a choice the noisy early steps make (a
+    last-step drag leaves the ring, which `quality` penalises), so last-step-only methods stall;
+    'region' alone lets the last step drag points anywhere and every method looks alike (see README)"""
     lora_rank: int = 4
     """rank of the trainable LoRA (same config for every method)"""
     lr: float = 1e-3
