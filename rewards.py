@@ -122,9 +122,42 @@ def quality(ring_radius: float = 2.0, modes: int = 8, smoothing: float = 0.25) -
     return reward
 
 
+def class_shift(modes: int = 8, classes: int = 4, sharpness: float = 4.0, shift: int = 2) -> Reward:
+    """Move every class to another class's sector (a change of composition, decided by the early steps):
+    r(x, c) = log p((c + shift) mod classes | x), the von Mises sector classifier of `class_agreement`.
+    The base puts class c in its own sector, so at the start every sample is in the wrong place."""
+    agree = class_agreement(modes, classes, sharpness)
+
+    def reward(x, cond):
+        return agree(x, (torch.as_tensor(cond, device=x.device).long() + shift) % classes)
+
+    return reward
+
+
+def mode_shift(ring_radius: float = 2.0, modes: int = 8, classes: int = 4, smoothing: float = 0.25,
+               shift: int = 2) -> Reward:
+    """On the ring AND in another class's sector: the `quality` log-density restricted to the modes of
+    class (c + shift) mod classes,  r(x, c) = log Σ_{j ∈ sector(c + shift)} exp(−‖x − μ_j‖² / 2σ²).
+    0 on a target mode, −d²/2σ² at distance d from the nearest target mode: points must leave their
+    own modes for modes across the ring, and points left between modes (off the data) lose reward."""
+    mu = mode_centers(ring_radius, modes)
+    per = modes // classes
+    owner = torch.arange(modes) // per  # (modes,) class owning each mode
+
+    def reward(x, cond):
+        target = (torch.as_tensor(cond, device=x.device).long() + shift) % classes
+        d2 = (x[:, None, :] - mu.to(x.device, x.dtype)[None]).pow(2).sum(-1)  # (B, modes)
+        mask = owner.to(x.device)[None] == target[:, None]  # (B, modes)
+        return torch.logsumexp((-d2 / (2 * smoothing**2)).masked_fill(~mask, float("-inf")), dim=-1)
+
+    return reward
+
+
 REWARDS["region"] = region
 REWARDS["class_agreement"] = class_agreement
 REWARDS["quality"] = quality
+REWARDS["class_shift"] = class_shift
+REWARDS["mode_shift"] = mode_shift
 
 
 

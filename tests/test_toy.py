@@ -118,3 +118,49 @@ def test_toy_rewards():
     x = torch.randn(5, 2, requires_grad=True)
     rewards.make_reward("region:1,class_agreement:0.5,quality:0.1", **kw)(x, torch.zeros(5, dtype=torch.long)).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_shift_rewards_closed_form():
+    kw = dict(ring_radius=2.0, modes=8, classes=4)
+    mu = rewards.mode_centers(2.0, 8)
+    ms = rewards.make_reward("mode_shift", **kw)  # class c's target modes: those of class (c + 2) mod 4
+    c0 = torch.zeros(3, dtype=torch.long)
+    r = ms(torch.stack([mu[4], torch.zeros(2), mu[0]]), c0)
+    d2_45 = (mu[4] - mu[5]).pow(2).sum() / (2 * 0.25**2)  # a target mode also sees its neighbour target mode
+    d2_05 = (mu[0] - mu[5]).pow(2).sum() / (2 * 0.25**2)
+    want = [math.log1p(math.exp(-d2_45)), math.log(2) - 4.0 / (2 * 0.25**2), torch.logaddexp(-d2_05, torch.tensor(-128.0)).item()]
+    assert r.tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert ms(mu[[4, 5, 6, 7, 0, 1, 2, 3]], torch.arange(4).repeat_interleave(2)).abs().max() < 1e-6  # all on target
+    cs, agree = rewards.make_reward("class_shift", **kw), rewards.make_reward("class_agreement", **kw)
+    x, c = torch.randn(16, 2), torch.randint(0, 4, (16,))
+    assert torch.allclose(cs(x, c), agree(x, (c + 2) % 4))
+    x = torch.cat([torch.zeros(1, 2), 5 * torch.randn(7, 2)]).requires_grad_(True)  # the origin and far points
+    rewards.make_reward("mode_shift:1,class_shift:1,quality:1", **kw)(x, torch.arange(8) % 4).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_seconds_to_interpolates_the_crossing():
+    curve = [{"seconds": 0.0, "reward/mean": -4.0}, {"seconds": 1.0, "reward/mean": -2.0}, {"seconds": 2.0, "reward/mean": 0.0}]
+    assert T.seconds_to(curve, -1.0) == 2.0
+    assert T.seconds_to(curve, -1.0, interpolate=True) == pytest.approx(1.5)
+    assert T.seconds_to(curve, -5.0, interpolate=True) == 0.0 and T.seconds_to(curve, 1.0, interpolate=True) is None
+    s = T.summarise({"full": {"curve": curve, "seconds": 2.0, "update": 4, "skipped": 0},
+                     "shortft": {"curve": [dict(p, seconds=p["seconds"] / 4) for p in curve], "seconds": 0.5,
+                                 "update": 4, "skipped": 0}})
+    assert s["full"]["target_reward"] == pytest.approx(-0.04)
+    assert s["shortft"]["seconds_to_target"] == pytest.approx(0.25 * (1 + 1.96 / 2))
+    assert s["shortft"]["fraction_of_full_seconds"] == pytest.approx(s["shortft"]["seconds_to_target"] / 2.0)
+
+
+def test_lora_decay_norm_matches_peft(out):
+    args = T.Args(out=str(out), **TINY)
+    toy, _ = T.build_toy(args, progress=False)
+    assert T.lora_delta_norm2(toy).item() == 0.0  # B = 0 at init
+    with torch.no_grad():
+        for p in toy.tuned_params():
+            p.add_(0.1)
+    want = sum(layer.get_delta_weight(a).pow(2).sum() for layer in toy.layers for a in toy.tuned)
+    assert T.lora_delta_norm2(toy).item() == pytest.approx(want.item(), rel=1e-5)
+    state = T.finetune(toy, "draft_k", T.Args(out=str(out), **dict(TINY, lora_decay=1.0)), rewards.make_reward("region"),
+                       (torch.randn(8, 2), torch.zeros(8, dtype=torch.long)), progress=False)
+    assert state["skipped"] == 0
