@@ -161,6 +161,9 @@ class Args:
     """x_T samples per gradient measurement"""
     cosine_steps: list[int] = field(default_factory=lambda: [4, 14, 24, 34, 44, 49])
     """grid indices k (0 = noisiest) whose gradient cosine is measured"""
+    cosine_rewards: list[str] = field(default_factory=lambda: ["region", "quality"])
+    """further rewards whose gradient cosine is measured (metrics grad_cosine_by_reward): fidelity depends
+    on how sharp the reward is compared with the shortcut's end-point error"""
     chain_lengths: list[int] = field(default_factory=lambda: [10, 20, 50, 100, 200])
     """chain lengths of the gradient-norm measurement"""
 
@@ -885,6 +888,10 @@ def main(args: Args) -> dict:
         t0 = time.perf_counter()
         metrics["trajectory_error"] = trajectory_error(toy, x_eval, c_eval, args.radius)
         metrics["grad_cosine"] = gradient_cosines(toy, args, reward_fn)
+        metrics["grad_cosine_by_reward"] = {args.reward: metrics["grad_cosine"]} | {
+            spec: gradient_cosines(toy, args, rewards.make_reward(spec, ring_radius=args.radius, modes=args.modes,
+                                                                  classes=args.classes), methods=("shortft",))
+            for spec in args.cosine_rewards if spec != args.reward}
         metrics["grad_norm"] = gradient_norms(toy, args, reward_fn)
         metrics["measure_seconds"] = time.perf_counter() - t0
         with torch.no_grad():  # a few trajectories for the figure
@@ -901,8 +908,9 @@ def main(args: Args) -> dict:
             traj = {"chain": torch.stack(xs).numpy(), "jumps": jumps}
         te = metrics["trajectory_error"]
         print("trajectory error / R (mean): " + ", ".join(f"M={m}: {v['mean']:.4f}" for m, v in te.items()))
-        print("grad cosine (LoRA) ShortFT: " + ", ".join(
-            f"t={t}: {v['lora']:.3f}" for t, v in metrics["grad_cosine"]["shortft"].items()))
+        for spec, cos in metrics["grad_cosine_by_reward"].items():
+            print(f"grad cosine (LoRA) ShortFT, reward {spec}: " + ", ".join(
+                f"t={t}: {v['lora']:.3f}" for t, v in cos["shortft"].items()))
 
     init = {a: shortcut.adapter_state_dict(toy.model, a) for a in toy.tuned}
     results, scatters, on_ring = {}, {}, {}
