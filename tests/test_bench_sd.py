@@ -10,12 +10,6 @@ import bench_sd
 import shortft
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_sd.py: denormal flushing is per thread
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bench_tiny_cpu_every_method(tmp_path):

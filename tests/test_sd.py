@@ -21,14 +21,6 @@ import train_sd
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread: train_sd flushes denormals to zero, but the flag is per thread and a worker pool
-    started earlier in the session keeps running slowly on the denormals tiny random models produce."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

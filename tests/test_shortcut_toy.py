@@ -11,13 +11,6 @@ import shortft
 import train_toy as T
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The toy MLP is tiny: one thread is as fast and does not fight other processes for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def linear_eps(x, t, s, c):

@@ -14,13 +14,6 @@ import shortft
 import train_toy as T
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The toy MLP is tiny: one thread is as fast and does not fight other processes for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 TINY = dict(hidden=16, depth=1, pretrain_steps=30, pretrain_batch=64, shortcut_rank=4, distill_steps=10,
             distill_pairs=128, distill_batch=64, batch=8, budget=2, budget_unit="updates", evals=1, eval_batch=32,
