@@ -188,7 +188,10 @@ def load_components(model: str, device="cpu", dtype=torch.float32) -> dict:
              vae=load(AutoencoderKL, "vae"), unet=load(UNet2DConditionModel, "unet"),
              scheduler=load(DDIMScheduler, "scheduler"))
     for k in ("text_encoder", "vae", "unet"):
-        c[k].to(device, dtype).requires_grad_(False).eval()
+        c[k].to(device)
+        if c[k].dtype != dtype:  # cast only when needed: diffusers warns on every dtype .to()
+            c[k].to(dtype)
+        c[k].requires_grad_(False).eval()
     return c
 
 
