@@ -17,7 +17,6 @@ Run: python bench_sd.py --tiny --device cpu          (smoke test; the real table
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from dataclasses import dataclass, field

@@ -19,7 +19,6 @@ Run: python train_sd.py --tiny        (CPU, under a minute: tiny random SD, a fe
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import sys
 import time

@@ -1,7 +1,6 @@
 """Toy shortcut (shortcut.py, toy section): the teacher map against shortft's own DDIM chain, the
 central-difference JVP against forward-mode AD, adapter save/load, and a distillation budget test."""
 
-import math
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ import torch
 
 import rewards
 import runio
-import shortcut
 import shortft
 import train_toy as T
 
