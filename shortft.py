@@ -437,7 +437,9 @@ def shortft(
 
     The trained step receives the complete, untruncated reward gradient through a chain only
     M + n evaluations long. `k` is drawn by `draw_trained_step` unless given; `lora_in_shortcut`
-    keeps the trainable LoRA active inside the shortcut jumps (denoiser "shortcut+tuned").
+    keeps the trainable LoRA active inside every shortcut jump (denoiser "shortcut+tuned"), so the
+    chain approximates the tuned model's own chain end to end: the trained step starts from the tuned
+    model's states (as every baseline's no-grad prefix does) and the gradient flows through its jumps.
     """
     points = _points(grid)
     n = len(grid)
@@ -452,7 +454,7 @@ def shortft(
     trunk: list[Segment] = []
     if k > 0:
         before = jump_timesteps(points[0], t_k, min(jumps_before, points[0] - t_k))
-        trunk += _steps("shortcut", before, grad=False)
+        trunk += _steps(shortcut, before, grad=False)
     trunk += _steps("tuned", points[k : k + trained_steps + 1], grad=True, checkpoint=checkpoint)
     if t_end != CLEAN:
         after = jump_timesteps(t_end, CLEAN, min(jumps_after, t_end - CLEAN))

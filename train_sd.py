@@ -102,7 +102,7 @@ class Args:
     trained_steps: int = 1
     """ShortFT: consecutive DDIM steps of the tuned model with gradient"""
     lora_in_shortcut: bool = True
-    """ShortFT: keep the trainable LoRA active inside the shortcut jumps, so they follow the tuned model's
+    """ShortFT: keep the trainable LoRA active inside every shortcut jump, so the chain follows the tuned model's
     trajectory (the toy diverges without it; --no-lora-in-shortcut trains the single step only)"""
     sampling: str = "uniform"
     """ShortFT: how the trained step is drawn: uniform | stratified (by timestep-aware range)"""

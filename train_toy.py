@@ -137,7 +137,7 @@ class Args:
     trained_steps: int = 1
     """ShortFT: consecutive trained steps per chain"""
     lora_in_shortcut: bool = True
-    """ShortFT: keep the trainable LoRA active inside the shortcut jumps (--no-lora-in-shortcut: the
+    """ShortFT: keep the trainable LoRA active inside every shortcut jump (--no-lora-in-shortcut: the
     LoRA acts on the trained step only; on the toy that reading over-pushes and diverges, see README)"""
     lora_ranges: list[int] = field(default_factory=list)
     """timestep-aware LoRA: boundaries splitting [0, 1000) into ranges, one trainable adapter each

@@ -203,7 +203,7 @@ def test_shortft_trains_only_the_chosen_step(k, lora_in_shortcut):
     before = [e for e in log if e["t"] > GRID[k]]
     tuned = [e for e in log if e["model"] == "tuned"]
     after = log[len(before) + len(tuned):]
-    assert len(before) == (2 if k > 0 else 0) and all(e["model"] == "shortcut" and not e["grad"] for e in before)
+    assert len(before) == (2 if k > 0 else 0) and all(e["model"] == sc and not e["grad"] for e in before)
     assert [(e["t"], e["s"]) for e in tuned] == [(GRID[k], POINTS[k + 1])] and tuned[0]["grad"]
     assert len(after) == (m if k < 9 else 0)
     assert all(e["model"] == sc and e["grad"] for e in after)  # the jumps after carry gradient
