@@ -33,9 +33,10 @@ def lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def set_active_adapters(model: torch.nn.Module, names: Sequence[str], layers: Sequence[torch.nn.Module] | None = None) -> None:
     """Make exactly `names` the active LoRA adapters (none: the base model) **without changing
-    requires_grad**. peft's own `set_adapter`/`disable_adapters` mark active adapters trainable and
-    inactive ones frozen, which silently freezes the trainable LoRA when the shortcut is switched in
-    before `backward()` (SD_NOTES trap 1). Call it inside checkpointed functions (trap 3).
+    requires_grad**: peft's own `set_adapter`/`disable_adapters` mark active adapters trainable and
+    inactive ones frozen, which silently leaves the trainable LoRA without gradient when another adapter
+    is switched in before `backward()`. Call it inside a gradient-checkpointed function, so that the
+    recomputation in backward runs with the same adapters as the forward pass.
     Pass `layers=lora_layers(model)` once to skip the module walk on every call."""
     names = list(names)
     for layer in lora_layers(model) if layers is None else layers:
@@ -188,20 +189,6 @@ def load_adapter_state_dict(model: torch.nn.Module, name: str, tensors: dict[str
             p.copy_(tensors[k])
 
 
-def save_adapter(model: torch.nn.Module, name: str, path, metadata: dict[str, str] | None = None) -> None:
-    """Save LoRA adapter `name` as safetensors (atomic)."""
-    from runio import save_tensors
-
-    save_tensors(adapter_state_dict(model, name), path, metadata)
-
-
-def load_adapter(model: torch.nn.Module, name: str, path) -> None:
-    """Load a LoRA adapter saved by `save_adapter` into the (already injected) adapter `name`."""
-    from runio import load_tensors
-
-    load_adapter_state_dict(model, name, load_tensors(path))
-
-
 # --- Stable Diffusion shortcut LoRAs
 
 
@@ -241,7 +228,7 @@ SHORTCUTS: dict[str, ShortcutSpec] = {
     "lcm": ShortcutSpec("latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors", guidance=1.0,
                         spacing="leading", steps=4, trajectory_preserving=False),
 }
-DEFAULT_SHORTCUT = "hyper-sd-8"
+DEFAULT_SHORTCUT = "hyper-sd-4"  # the paper's shortcut (Hyper-SD 4-step)
 
 
 def resolve_shortcut(name_or_path: str, local_files_only: bool = False) -> tuple[Path, ShortcutSpec]:
@@ -271,7 +258,8 @@ def resolve_shortcut(name_or_path: str, local_files_only: bool = False) -> tuple
 def load_shortcut_lora(unet: torch.nn.Module, file: str | Path, adapter_name: str = "shortcut",
                        lora_scale: float = 1.0) -> list[torch.nn.Parameter]:
     """Load a distillation LoRA (.safetensors, diffusers or Kohya format) into `unet` as a separate,
-    **frozen, never fused** peft adapter (SD_NOTES trap 2) with its scale set once. Returns its parameters.
+    **frozen, never fused** peft adapter with its scale set once (peft runs a fused layer as its base layer only,
+    so fusing the shortcut would silently drop the trainable LoRA there). Returns its parameters.
     Afterwards only `adapter_name` is active: set the adapters you want with `set_active_adapters`."""
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
@@ -287,11 +275,3 @@ def load_shortcut_lora(unet: torch.nn.Module, file: str | Path, adapter_name: st
         if adapter_name in getattr(layer, "scaling", {}):
             layer.set_scale(adapter_name, lora_scale)
     return params
-
-
-def shortcut_jump(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float, alpha_bar_s: float) -> torch.Tensor:
-    """A shortcut jump t → s: the deterministic DDIM step with the distilled model's ε (TCD with γ = 0,
-    Hyper-SD's DDIM sampling). Identical to `shortft.ddim_step` with η = 0; named here for readers."""
-    from shortft import ddim_step
-
-    return ddim_step(x_t, eps, alpha_bar_t, alpha_bar_s)

@@ -1,7 +1,7 @@
 """ShortFT: reward backpropagation through a shortcut-based denoising chain.
 
 Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning", ICCV 2025,
-https://arxiv.org/abs/2507.22604 (Sec. 3: reward backpropagation, the shortcut-based chain).
+https://arxiv.org/abs/2507.22604 (Sec. 3: the shortcut-based chain, timestep-aware LoRA, progressive training).
 
 Everything here is model-agnostic: `x` may be (B, 2) toy points or (B, 4, 64, 64) SD latents.
 A *denoiser* is any callable ``eps = denoiser(x_t, t, s)`` (ε-prediction at integer timestep t; s is
@@ -13,13 +13,14 @@ every baseline (DRaFT-K, DRaFT-LV, AlignProp, ReFL, DRTune, the complete chain) 
 return such a list, so the methods differ only in *which* segments carry gradient.
 
 Notation (code -> paper):
-    alphas_cumprod[t]  ᾱ_t           grid            τ_N > … > τ_1 (DDIM timesteps)
-    x_t, eps           x_t, ε_θ(x_t)  CLEAN (= -1)    end of the chain, ᾱ = ᾱ_final (SD1.5: ᾱ_0)
-    predict_x0         x̂_0 (Eq. DDIM) X0 (= None)     "jump straight to x̂_0" (ᾱ_s = 1, ReFL)
-    k                  index of the trained step τ_k → τ_{k-1} on the grid
-    M                  shortcut jumps from τ_{k-1} to the clean sample
+    alphas_cumprod[t]  ᾱ_t            grid          τ_N > … > τ_1 (DDIM timesteps; SD1.5: 981, 961, …, 1)
+    x_t, eps           x_t, ε_θ(x_t)   CLEAN (= -1)  end of the chain, ᾱ = ᾱ_final (SD1.5: ᾱ_0)
+    predict_x0         x̂_0 (DDIM)      X0 (= None)   "jump straight to x̂_0" (ᾱ_s = 1, ReFL)
+    points             LoRA timesteps p_1 > … > p_k (paper: 761, 501, 261, 1), k segments
+    tuned_i            LoRA_i; the step at p_i uses LoRA_1 + … + LoRA_i (stacked timestep-aware LoRA)
+    stage              progressive-training stage i = 1 … k (trains LoRA_i … LoRA_k)
 
-Run: python -c "import shortft; print(shortft.ddim_timesteps(50))"
+Run: python -c "import shortft; print(*shortft.shortft(shortft.ddim_timesteps(50)).trunk, sep='\n')"
 """
 
 from __future__ import annotations
@@ -35,10 +36,15 @@ import torch.utils.checkpoint
 CLEAN = -1  # "timestep" of the chain's end point x_0; its ᾱ is NoiseSchedule.final_alpha_cumprod
 X0 = None  # target of a step that returns the x̂_0 prediction itself (ᾱ_s = 1), used by ReFL
 
+# Denoiser names a Segment can use (keys of the denoisers dict every world builds).
+BASE = "base"  # the frozen pretrained model, no LoRA
+TUNED = "tuned"  # the model being fine-tuned: the LoRA branches `active_loras(t)` picks (none: the base)
+SHORTCUT = "shortcut"  # the frozen trajectory-preserving few-step model: one evaluation jumps t → s
+NOISE = "noise"  # not a model: re-noise x_0 to x_s with fresh ε (DRaFT-LV)
+DENOISERS = (BASE, TUNED, SHORTCUT)
+
 Denoiser = Callable[[torch.Tensor, int, "int | None"], torch.Tensor]
 RewardFn = Callable[[torch.Tensor], torch.Tensor]
-
-METHODS = ("shortft", "full", "draft_k", "draft_lv", "alignprop", "refl", "drtune")
 
 
 # ----------------------------------------------------------------------------- noise schedule
@@ -182,8 +188,8 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, g
 class Segment:
     """One evaluation of denoiser `model` taking x_t to x_s (s < t), or a re-noising.
 
-    model        key into the denoisers dict ("tuned", "shortcut", "shortcut+tuned", …), or
-                 "noise": draw fresh ε and return x_s = √ᾱ_s x + √(1 − ᾱ_s) ε (DRaFT-LV).
+    model        BASE, TUNED or SHORTCUT (a key of the denoisers dict), or NOISE: draw fresh ε and
+                 return x_s = √ᾱ_s x + √(1 − ᾱ_s) ε (DRaFT-LV).
     t, s         integer timesteps; s = CLEAN (-1) ends the chain, s = X0 (None) returns x̂_0.
     grad         False: the whole step runs under no_grad and cuts the graph.
     checkpoint   recompute the step in backward instead of storing its activations.
@@ -198,6 +204,10 @@ class Segment:
     checkpoint: bool = False
     detach_input: bool = False
     detach_eps: bool = False
+
+    def __post_init__(self):
+        if self.model not in (*DENOISERS, NOISE):
+            raise ValueError(f"unknown denoiser {self.model!r} in a Segment: use one of {', '.join((*DENOISERS, NOISE))}")
 
 
 @dataclass
@@ -217,7 +227,7 @@ def apply_segment(
 ) -> torch.Tensor:
     """x_t → x_s for one segment, honouring its gradient switches."""
     a_t, a_s = schedule.alpha_bar(seg.t), schedule.alpha_bar(seg.s)
-    if seg.model == "noise":
+    if seg.model == NOISE:
         return add_noise(x, torch.randn_like(x), a_s)
     try:
         denoiser = denoisers[seg.model]
@@ -274,14 +284,18 @@ def reward_loss(
     return loss, rewards[0].detach()
 
 
-def sampling_chain(grid: Sequence[int], model: str = "tuned") -> Chain:
-    """The ordinary no-grad DDIM sampler over `grid`, ending at CLEAN (evaluation, not training)."""
-    return Chain(_steps(model, _points(grid), grad=False))
+def sampling_chain(grid: Sequence[int], points: Sequence[int] | None = None, model: str = TUNED) -> Chain:
+    """The ordinary no-grad DDIM sampler over `grid`, ending at CLEAN (evaluation and inference, not training):
+    with `points`, TUNED where `active_loras` puts a LoRA and BASE elsewhere; `model=BASE` samples the base."""
+    _points(grid)
+    if model == BASE:
+        return Chain(_steps(BASE, _points(grid), grad=False))
+    return Chain(_original_steps(grid, grid[0], grid[-1], points, grad=False))
 
 
 def chain_cost(chain: Chain) -> dict[str, int]:
     """Denoiser evaluations of a chain: forward-only, with gradient, and recomputed by checkpointing."""
-    evals = [s for s in chain.segments() if s.model != "noise"]
+    evals = [s for s in chain.segments() if s.model != NOISE]
     return {
         "no_grad": sum(not s.grad for s in evals),
         "grad": sum(s.grad and not s.detach_eps for s in evals),
@@ -316,7 +330,7 @@ def jump_timesteps(t: int, s: int, jumps: int) -> list[int]:
 
 def full(grid: Sequence[int], checkpoint: bool = True) -> Chain:
     """Complete-chain reward backprop (DRaFT / AlignProp without truncation): N grad steps."""
-    return Chain(_steps("tuned", _points(grid), grad=True, checkpoint=checkpoint))
+    return Chain(_steps(TUNED, _points(grid), grad=True, checkpoint=checkpoint))
 
 
 def draft_k(grid: Sequence[int], k: int = 1, checkpoint: bool = True) -> Chain:
@@ -326,8 +340,8 @@ def draft_k(grid: Sequence[int], k: int = 1, checkpoint: bool = True) -> Chain:
     if not 1 <= k <= n:
         raise ValueError(f"DRaFT-K needs 1 ≤ K ≤ {n} (the chain length), got K={k}")
     return Chain(
-        _steps("tuned", points[: n - k + 1], grad=False)
-        + _steps("tuned", points[n - k :], grad=True, checkpoint=checkpoint)
+        _steps(TUNED, points[: n - k + 1], grad=False)
+        + _steps(TUNED, points[n - k :], grad=True, checkpoint=checkpoint)
     )
 
 
@@ -338,8 +352,8 @@ def draft_lv(grid: Sequence[int], n: int = 2) -> Chain:
         raise ValueError(f"DRaFT-LV needs n ≥ 1 re-noised copies, got {n}")
     points = _points(grid)
     t1 = points[-2]
-    branch = [Segment("noise", CLEAN, t1), Segment("tuned", t1, CLEAN, grad=True)]
-    return Chain(_steps("tuned", points, grad=False), [list(branch) for _ in range(n)])
+    branch = [Segment(NOISE, CLEAN, t1), Segment(TUNED, t1, CLEAN, grad=True)]
+    return Chain(_steps(TUNED, points, grad=False), [list(branch) for _ in range(n)])
 
 
 def alignprop(
@@ -364,7 +378,7 @@ def refl(grid: Sequence[int], last: int = 10, rng: random.Random | None = None) 
         raise ValueError(f"ReFL needs 1 ≤ last ≤ {n}, got {last}")
     j = (rng or random).randrange(n - last, n)  # grid index of the graded step
     points = _points(grid)
-    return Chain(_steps("tuned", points[: j + 1], grad=False) + [Segment("tuned", points[j], X0, grad=True)])
+    return Chain(_steps(TUNED, points[: j + 1], grad=False) + [Segment(TUNED, points[j], X0, grad=True)])
 
 
 def drtune(
@@ -380,95 +394,172 @@ def drtune(
     trained = {offset + i * stride for i in range(k)}
     points = _points(grid)
     return Chain([
-        Segment("tuned", t, s, grad=True, detach_input=True, detach_eps=i not in trained,
+        Segment(TUNED, t, s, grad=True, detach_input=True, detach_eps=i not in trained,
                 checkpoint=checkpoint and i in trained)
         for i, (t, s) in enumerate(zip(points, points[1:]))
     ])
 
 
-def timestep_range_index(t: int, boundaries: Sequence[int]) -> int:
-    """Which timestep-aware LoRA owns timestep t. `boundaries` split [0, T) into ranges, e.g.
-    (500,) → range 0 is t ≥ 500 (early, noisy steps), range 1 is t < 500."""
-    return sum(t < b for b in sorted(boundaries, reverse=True))
+# ----------------------------------------------------------------------------- ShortFT (paper Sec. 3)
+#
+# The paper's layout on SD1.5's 50-step grid (981, 961, …, 21, 1), LoRA points P = (761, 501, 261, 1):
+#
+#   inference   981 … 761 │ 741 … 521 │ 501 │ 481 … 281 │ 261 │ 241 … 21 │ 1 → x_0
+#               LoRA_1     │ base      │ Σ₂  │ base      │ Σ₃  │ base     │ Σ₄          Σ_i = LoRA_1 + … + LoRA_i
+#   training    θ (grad on the last)  jump 741→501 │ θ │ jump 481→261 │ θ │ jump 241→1 │ θ
+#
+# Segment 1 runs every grid step down to p_1 with LoRA_1; every later segment i is one shortcut jump over the
+# steps the base model runs at inference, then one step at p_i with the stacked LoRA Σ_i. Stage i of progressive
+# training runs the original chain down to p_i without gradient, then the shortcut chain after it, and trains
+# LoRA_i … LoRA_k only.
+
+PAPER_LORA_POINTS = (761, 501, 261, 1)
+"""The paper's LoRA timesteps on SD1.5's 50-step leading grid (k = 4 segments)."""
 
 
-def draw_trained_step(
-    grid: Sequence[int], rng: random.Random | None = None, sampling: str = "uniform",
-    boundaries: Sequence[int] = (), update: int = 0,
-) -> int:
-    """Grid index k of ShortFT's trained step τ_k → τ_{k−1} (k = 0 is the first, noisiest step).
+def check_lora_points(points: Sequence[int], grid: Sequence[int]) -> tuple[int, ...]:
+    """LoRA points must be grid timesteps, strictly decreasing, the last one the grid's last step."""
+    points = tuple(int(p) for p in points)
+    if not points:
+        raise ValueError("LoRA points are empty: give at least one grid timestep, e.g. 761 501 261 1")
+    off = [p for p in points if p not in set(grid)]
+    if off:
+        raise ValueError(f"LoRA point(s) {off} are not on the {len(grid)}-step grid ({grid[0]}, {grid[1]}, …, "
+                         f"{grid[-1]}): choose grid timesteps")
+    if any(a <= b for a, b in zip(points, points[1:])):
+        raise ValueError(f"LoRA points {list(points)} must be strictly decreasing")
+    if points[-1] != grid[-1]:
+        raise ValueError(f"the last LoRA point must be the grid's last step {grid[-1]} (it makes x_0), got {points[-1]}")
+    return points
 
-    uniform     k ~ U{0, …, N−1}
-    stratified  cycle over the timestep-aware LoRA ranges by update number, k uniform inside the range,
-                so every adapter is trained equally often.
-    """
-    rng = rng or random
-    n = len(grid)
-    if sampling == "uniform":
-        return rng.randrange(n)
-    if sampling == "stratified":
-        ranges: dict[int, list[int]] = {}
-        for i, t in enumerate(grid):
-            ranges.setdefault(timestep_range_index(t, boundaries), []).append(i)
-        owned = [ranges[r] for r in sorted(ranges)]
-        return rng.choice(owned[update % len(owned)])
-    raise ValueError(f"unknown trained-step sampling {sampling!r}: use 'uniform' or 'stratified'")
+
+def active_loras(t: int, points: Sequence[int] | None = None, timestep_aware: bool = True) -> tuple[int, ...]:
+    """Which LoRA branches act at timestep t (index i is the paper's LoRA_{i+1}) — the one place that decides it,
+    used by the training chains, the ordinary sampler and the saved model alike:
+
+        t ≥ p_1          (0,)            segment 1: LoRA_1 at every step
+        t = p_i, i ≥ 2   (0, 1, …, i−1)  stacked timestep-aware LoRA: ΔW_1 + … + ΔW_i
+        otherwise        ()              the base model (the intervals the shortcut replaces in training)
+
+    `points=None` is a single LoRA at every step (every baseline). `timestep_aware=False` is the paper's ablation
+    "without timestep-aware LoRA": one LoRA, (0,), at the same places."""
+    if points is None:
+        return (0,)
+    t = int(t)
+    if t >= points[0]:
+        return (0,)
+    if t not in points:
+        return ()
+    return tuple(range(points.index(t) + 1)) if timestep_aware else (0,)
+
+
+def num_loras(points: Sequence[int] | None = None, timestep_aware: bool = True) -> int:
+    """Number of LoRA branches: k = len(points) when timestep-aware, else 1."""
+    return len(points) if points is not None and timestep_aware else 1
+
+
+def lora_names(n: int) -> list[str]:
+    """Adapter names of the n trainable LoRA branches: tuned_1 … tuned_n (the paper's LoRA_1 … LoRA_k)."""
+    return [f"tuned_{i + 1}" for i in range(n)]
+
+
+def trainable_loras(stage: int, points: Sequence[int] | None = None, timestep_aware: bool = True) -> tuple[int, ...]:
+    """Progressive training: stage i optimises LoRA_i … LoRA_k (indices i−1 … k−1). With one LoRA, always (0,)."""
+    n = num_loras(points, timestep_aware)
+    if n == 1:
+        return (0,)
+    if not 1 <= stage <= n:
+        raise ValueError(f"stage {stage} is out of range: there are {n} stages (one per LoRA point)")
+    return tuple(range(stage - 1, n))
+
+
+def stage_at(progress: float, k: int, fractions: Sequence[float] = ()) -> int:
+    """The progressive-training stage (1 … k) at `progress` ∈ [0, 1] of the training budget. Stage i lasts
+    fractions[i−1] of the budget (empty: k equal parts; the paper does not say how long each stage lasts)."""
+    fractions = list(fractions) or [1.0 / k] * k
+    if len(fractions) != k or any(not f > 0 for f in fractions):
+        raise ValueError(f"stage fractions {fractions} must be {k} positive numbers (one per stage)")
+    edge, total = 0.0, sum(fractions)
+    for i, f in enumerate(fractions, start=1):
+        edge += f / total
+        if progress < edge:
+            return i
+    return k
+
+
+def _next_point(grid: Sequence[int], t: int) -> int:
+    """The grid point after t (CLEAN after the last)."""
+    i = list(grid).index(t)
+    return grid[i + 1] if i + 1 < len(grid) else CLEAN
+
+
+def _original_steps(grid, t_from: int, t_to: int, points, **kw) -> list[Segment]:
+    """The original chain's steps at grid timesteps t_from ≥ t ≥ t_to: TUNED where a LoRA acts, BASE elsewhere."""
+    return [Segment(TUNED if active_loras(t, points) else BASE, t, _next_point(grid, t), **kw)
+            for t in grid if t_from >= t >= t_to]
 
 
 def shortft(
     grid: Sequence[int],
-    k: int | None = None,
-    jumps_before: int = 2,
-    jumps_after: int = 4,
-    trained_steps: int = 1,
-    lora_in_shortcut: bool = False,
-    rng: random.Random | None = None,
-    sampling: str = "uniform",
-    boundaries: Sequence[int] = (),
-    update: int = 0,
-    checkpoint: bool = True,
+    points: Sequence[int] = PAPER_LORA_POINTS,
+    stage: int = 1,
+    segment1_grad_steps: int = 1,
+    prefix: str = "original",
+    checkpoint: bool = False,
 ) -> Chain:
-    """ShortFT's shortcut-based chain (paper Sec. 3):
+    """ShortFT's shortcut-based chain for progressive-training stage i = `stage` (paper Sec. 3):
 
-        x_T ─ shortcut, `jumps_before` jumps, no grad ─▶ x_{τ_k}
-            ─ `trained_steps` DDIM steps of the tuned model, grad ─▶ x_{τ_{k−n}}
-            ─ shortcut, M = `jumps_after` jumps, grad, checkpointed ─▶ x_0
-              (at most one jump per remaining timestep, so fewer than M right before x_0)
+        x_T ─ original chain down to p_i, no grad ─▶ step θ at p_i (grad)
+            ─ for j = i+1 … k: shortcut jump next(p_{j−1}) → p_j, step θ at p_j (grad) ─▶ x_0
 
-    The trained step receives the complete, untruncated reward gradient through a chain only
-    M + n evaluations long. `k` is drawn by `draw_trained_step` unless given; `lora_in_shortcut`
-    keeps the trainable LoRA active inside every shortcut jump (denoiser "shortcut+tuned"), so the
-    chain approximates the tuned model's own chain end to end: the trained step starts from the tuned
-    model's states (as every baseline's no-grad prefix does) and the gradient flows through its jumps.
-    """
-    points = _points(grid)
-    n = len(grid)
-    if not 1 <= trained_steps <= n:
-        raise ValueError(f"ShortFT needs 1 ≤ trained_steps ≤ {n}, got {trained_steps}")
-    if k is None:
-        k = draw_trained_step(grid[: n - trained_steps + 1], rng, sampling, boundaries, update)
-    if not 0 <= k <= n - trained_steps:
-        raise ValueError(f"trained step index k={k} is outside [0, {n - trained_steps}] for a {n}-step grid")
-    shortcut = "shortcut+tuned" if lora_in_shortcut else "shortcut"
-    t_k, t_end = points[k], points[k + trained_steps]
-    trunk: list[Segment] = []
-    if k > 0:
-        before = jump_timesteps(points[0], t_k, min(jumps_before, points[0] - t_k))
-        trunk += _steps(shortcut, before, grad=False)
-    trunk += _steps("tuned", points[k : k + trained_steps + 1], grad=True, checkpoint=checkpoint)
-    if t_end != CLEAN:
-        after = jump_timesteps(t_end, CLEAN, min(jumps_after, t_end - CLEAN))
-        trunk += _steps(shortcut, after, grad=True, checkpoint=checkpoint)
+    θ is the tuned model with the LoRAs `active_loras(t)` picks; the jumps stand in for the base model that
+    inference runs between LoRA points, so no LoRA is active inside them. Stage 1's "original chain" is segment 1
+    (981 … 761 with LoRA_1), of which the last `segment1_grad_steps` steps carry gradient (1: the paper's chain of
+    ≈ 7 evaluations). `prefix="shortcut"` replaces the skipped intervals before p_i by no-grad jumps as well
+    (cheaper, but the training/inference mismatch the stages remove comes back). No gradient checkpointing by
+    default: the chain is short (the paper counts this as a memory win)."""
+    grid = [int(t) for t in grid]
+    _points(grid)
+    points = check_lora_points(points, grid)
+    k = len(points)
+    if not 1 <= stage <= k:
+        raise ValueError(f"stage {stage} is out of range: {k} LoRA points give stages 1 … {k}")
+    seg1 = [t for t in grid if t >= points[0]]
+    if not 1 <= segment1_grad_steps <= len(seg1):
+        raise ValueError(f"segment1_grad_steps={segment1_grad_steps} must be in [1, {len(seg1)}] "
+                         f"(segment 1 has {len(seg1)} steps: {seg1[0]} … {seg1[-1]})")
+    if prefix not in ("original", "shortcut"):
+        raise ValueError(f"unknown prefix {prefix!r}: use 'original' or 'shortcut'")
+    p_i = points[stage - 1]
+    grad_from = seg1[-segment1_grad_steps] if stage == 1 else p_i
+    trunk = []
+    if prefix == "original" or stage == 1:
+        trunk += _original_steps(grid, grid[0], grad_from + 1, points, grad=False)
+    else:
+        trunk += _original_steps(grid, grid[0], points[0], points, grad=False)
+        for prev, p in zip(points[: stage - 1], points[1:stage]):
+            if _next_point(grid, prev) != p:
+                trunk.append(Segment(SHORTCUT, _next_point(grid, prev), p, grad=False))
+            if p != p_i:
+                trunk.append(Segment(TUNED, p, _next_point(grid, p), grad=False))
+    trunk += _original_steps(grid, grad_from, p_i, points, grad=True, checkpoint=checkpoint)
+    for prev, p in zip(points[stage - 1 :], points[stage:]):
+        if _next_point(grid, prev) != p:
+            trunk.append(Segment(SHORTCUT, _next_point(grid, prev), p, grad=True, checkpoint=checkpoint))
+        trunk.append(Segment(TUNED, p, _next_point(grid, p), grad=True, checkpoint=checkpoint))
     return Chain(trunk)
+
+
+BUILDERS = {"shortft": shortft, "full": full, "draft_k": draft_k, "draft_lv": draft_lv,
+            "alignprop": alignprop, "refl": refl, "drtune": drtune}
+METHODS = tuple(BUILDERS)
 
 
 def make_chain(method: str, grid: Sequence[int], rng: random.Random | None = None, **switches) -> Chain:
     """The training chain of `method` (one of METHODS) with its switches, drawn afresh per update."""
-    builders = {"shortft": shortft, "full": full, "draft_k": draft_k, "draft_lv": draft_lv,
-                "alignprop": alignprop, "refl": refl, "drtune": drtune}
-    if method not in builders:
+    if method not in BUILDERS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    builder = builders[method]
+    builder = BUILDERS[method]
     accepted = set(inspect.signature(builder).parameters) - {"grid"}
     unknown = sorted(set(switches) - accepted)
     if unknown:
@@ -477,6 +568,86 @@ def make_chain(method: str, grid: Sequence[int], rng: random.Random | None = Non
     if "rng" in accepted:
         switches["rng"] = rng
     return builder(grid, **switches)
+
+
+@dataclass
+class ChainArgs:
+    """The chain's switches, shared by every world: `train_toy.Args` and `train_sd.Args` extend this class, so a flag
+    means the same thing, with the same default, in both scripts."""
+
+    method: str = "shortft"
+    """shortft | full | draft_k | draft_lv | alignprop | refl | drtune (shortft.METHODS)"""
+    num_steps: int = 50
+    """N, steps of the DDIM grid being fine-tuned (leading spacing, SD1.5's sampler: 981, 961, …, 1)"""
+    lora_points: list[int] = field(default_factory=lambda: list(PAPER_LORA_POINTS))
+    """ShortFT: LoRA points p_1 > … > p_k on the grid (the last is the grid's last step); k segments"""
+    timestep_aware: bool = True
+    """ShortFT: one stacked LoRA branch per point (LoRA_i = LoRA_{i−1} + a new branch); --no-timestep-aware is the
+    paper's ablation: one LoRA shared at the same places"""
+    progressive: bool = True
+    """ShortFT: progressive training in k stages; --no-progressive is the paper's ablation (stage 1 throughout)"""
+    stage_fractions: list[float] = field(default_factory=list)
+    """ShortFT: share of the training budget each stage gets (empty: k equal shares)"""
+    segment1_grad_steps: int = 1
+    """ShortFT: steps of segment 1 (981 … p_1) that carry gradient in stage 1 (1: only the last; 12: all of them)"""
+    prefix: str = "original"
+    """ShortFT: what runs before p_i in stage i ≥ 2: 'original' (the 50-step chain) or 'shortcut' (no-grad jumps)"""
+    checkpoint_segments: bool = False
+    """ShortFT: gradient-checkpoint each gradient step of its chain (off, as in the paper; on for small GPUs). The
+    baselines always checkpoint their gradient steps"""
+    draft_k: int = 1
+    """DRaFT-K: K, steps with gradient at the end of the chain"""
+    draft_lv_n: int = 2
+    """DRaFT-LV: re-noised copies n"""
+    alignprop_k_min: int = 1
+    """AlignProp: smallest truncation length"""
+    alignprop_k_max: int = 0
+    """AlignProp: largest truncation length (0: N, the whole chain)"""
+    refl_last: int = 10
+    """ReFL: the graded step is drawn among the last this many steps"""
+    drtune_k: int = 5
+    """DRTune: steps whose ε carries gradient"""
+
+
+def layout(args: ChainArgs) -> tuple[tuple[int, ...] | None, bool]:
+    """(LoRA points, timestep-aware) of the method: ShortFT's points; None (one LoRA at every step) otherwise."""
+    if args.method == "shortft":
+        return tuple(args.lora_points), args.timestep_aware
+    return None, False
+
+
+def stage_of(args: ChainArgs, progress: float) -> int:
+    """The stage at `progress` ∈ [0, 1] of the budget: stage_at(…) with progressive training, else 1."""
+    points, aware = layout(args)
+    n = num_loras(points, aware)
+    return stage_at(progress, len(points), args.stage_fractions) if points and args.progressive and n > 1 else 1
+
+
+def chain_switches(args: ChainArgs, stage: int = 1) -> dict:
+    """The keyword arguments `make_chain(args.method, grid, rng, **…)` needs, from the shared arguments."""
+    return {
+        "shortft": dict(points=tuple(args.lora_points), stage=stage, segment1_grad_steps=args.segment1_grad_steps,
+                        prefix=args.prefix, checkpoint=args.checkpoint_segments),
+        "full": {}, "draft_k": dict(k=args.draft_k), "draft_lv": dict(n=args.draft_lv_n),
+        "alignprop": dict(k_min=args.alignprop_k_min, k_max=args.alignprop_k_max or None),
+        "refl": dict(last=args.refl_last), "drtune": dict(k=args.drtune_k),
+    }[args.method]
+
+
+def check_chain_args(args: ChainArgs) -> None:
+    """One-line errors for chain settings that cannot work, before any model is built: builds stage 1 and the last
+    stage of the method's chain on its grid."""
+    if args.method not in BUILDERS:
+        raise ValueError(f"--method {args.method}: unknown method; choose one of {', '.join(METHODS)}")
+    if not 1 <= args.num_steps <= 1000:
+        raise ValueError(f"--num-steps {args.num_steps}: must be in [1, 1000]")
+    grid = ddim_timesteps(args.num_steps)
+    points, aware = layout(args)
+    if points is not None:
+        check_lora_points(points, grid)
+        stage_at(0.0, len(points), args.stage_fractions)
+    for stage in {1, num_loras(points, aware) if args.progressive else 1}:
+        make_chain(args.method, grid, random.Random(0), **chain_switches(args, stage))
 
 
 # ----------------------------------------------------------------------------- update
@@ -491,17 +662,24 @@ def grad_norm(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
 def guarded_step(
     optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], max_grad_norm: float | None = 1.0
 ) -> tuple[bool, float]:
-    """Clip and apply the update unless the gradient is NaN/inf, in which case the gradients are
-    dropped and nothing reaches the weights. Returns (applied, gradient norm before clipping)."""
+    """Clip and apply the update unless it would put NaN/inf into the weights: a non-finite gradient is dropped
+    before the step, and weights that come out of the step non-finite (e.g. an absurd learning rate) are restored
+    from a copy taken just before it. Returns (applied, gradient norm before clipping)."""
     norm = grad_norm(params)
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         return False, float(norm)
-    if max_grad_norm is not None:
+    if max_grad_norm is not None and max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    before = [p.detach().clone() for p in params]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return True, float(norm)
+    if all(bool(torch.isfinite(p).all()) for p in params):
+        return True, float(norm)
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    return False, float(norm)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,14 +1,14 @@
 """Each method's chain sends the reward gradient exactly where its paper says (BASELINES.md table).
 
-Paper Sec. 3 (ShortFT: jump T → τ_k without gradient, one trained DDIM step τ_k → τ_{k−1}, M
-shortcut jumps to x_0 with gradient) and the baselines DRaFT-K / DRaFT-LV (Clark et al. 2024),
+Paper Sec. 3 (ShortFT: segment 1 of the tuned model, then one shortcut jump and one stacked-LoRA step per
+later segment; progressive stages) and the baselines DRaFT-K / DRaFT-LV (Clark et al. 2024),
 AlignProp (Prabhudesai et al. 2023), ReFL (Xu et al. 2023), DRTune (Wu et al. 2024).
 
 Trick: every denoiser evaluation multiplies its ε by a fresh scalar leaf p = 1, logged with
 (model, t, s). After backward, p.grad ≠ 0 exactly for the evaluations the reward gradient passes
 through, so "which steps train θ" is read off the log.
 
-Notation: N grid steps, k grid index of ShortFT's trained step, M = jumps_after, K = trained steps.
+Notation: N grid steps, P = LoRA points p_1 > … > p_k, stage i of progressive training.
 
 Run: python -m pytest -q tests/test_core_methods.py
 """
@@ -38,7 +38,7 @@ class Probe:
 
 def probes():
     log = []
-    return {n: Probe(n, log) for n in ("tuned", "shortcut", "shortcut+tuned")}, log
+    return {n: Probe(n, log) for n in shortft.DENOISERS}, log
 
 
 def run(chain, x_T=None, reward=lambda x: -(x**2).sum(1)):
@@ -190,91 +190,159 @@ def test_draft_lv_branches():
 
 # ----------------------------------------------------------------------------- ShortFT
 
+GRID50 = shortft.ddim_timesteps(50)
+P10 = (701, 401, 201, 1)  # LoRA points on the 10-step grid 901, 801, …, 1
 
-@pytest.mark.parametrize("k", [0, 4, 7, 9])
-@pytest.mark.parametrize("lora_in_shortcut", [False, True])
-def test_shortft_trains_only_the_chosen_step(k, lora_in_shortcut):
-    m = 3
-    chain = shortft.shortft(GRID, k=k, jumps_before=2, jumps_after=m, lora_in_shortcut=lora_in_shortcut)
-    assert_connected(chain.trunk, GRID[0])
+
+def test_shortft_default_is_the_papers_layout():
+    """make_chain("shortft", 50-step grid) = the paper's chain: tuned steps 981 … 761 (only the last with
+    gradient), shortcut 741→501, tuned 501→481, shortcut 481→261, tuned 261→241, shortcut 241→1, tuned 1→x_0."""
+    chain = shortft.make_chain("shortft", GRID50)
+    T, S = shortft.TUNED, shortft.SHORTCUT
+    expected = [(T, t, t - 20, False) for t in range(981, 761, -20)] + [
+        (T, 761, 741, True), (S, 741, 501, True), (T, 501, 481, True), (S, 481, 261, True),
+        (T, 261, 241, True), (S, 241, 1, True), (T, 1, CLEAN, True)]
+    assert [(seg.model, seg.t, seg.s, seg.grad) for seg in chain.trunk] == expected
+    assert not any(seg.checkpoint for seg in chain.trunk)  # no gradient checkpointing by default
+    assert shortft.chain_cost(chain)["grad"] == 7  # "about 7–8 evaluations"
+
+
+def test_active_loras_stacked_and_shared():
+    P = shortft.PAPER_LORA_POINTS
+    got = {t: shortft.active_loras(t, P) for t in GRID50}
+    assert all(got[t] == (0,) for t in GRID50 if t >= 761)  # segment 1: LoRA_1 at every step
+    assert got[501] == (0, 1) and got[261] == (0, 1, 2) and got[1] == (0, 1, 2, 3)  # stacked
+    assert all(got[t] == () for t in GRID50 if t < 761 and t not in P)  # the base between points
+    shared = {t: shortft.active_loras(t, P, timestep_aware=False) for t in GRID50}
+    assert all(shared[t] == ((0,) if got[t] else ()) for t in GRID50)  # same places, one LoRA
+    assert all(shortft.active_loras(t) == (0,) for t in GRID50)  # the baselines: one LoRA everywhere
+    assert shortft.num_loras(P) == 4 and shortft.num_loras(P, False) == 1 and shortft.num_loras(None) == 1
+    assert shortft.lora_names(3) == ["tuned_1", "tuned_2", "tuned_3"]
+
+
+def test_sampling_chain_uses_active_loras():
+    chain = shortft.sampling_chain(GRID50, shortft.PAPER_LORA_POINTS)
+    assert_connected(chain.trunk, 981)
+    assert all(not seg.grad for seg in chain.trunk)
+    assert [seg.t for seg in chain.trunk if seg.model == shortft.TUNED] == \
+        [t for t in GRID50 if shortft.active_loras(t, shortft.PAPER_LORA_POINTS)]
+    assert all(seg.model == shortft.TUNED for seg in shortft.sampling_chain(GRID50).trunk)
+    assert all(seg.model == shortft.BASE for seg in shortft.sampling_chain(GRID50, model=shortft.BASE).trunk)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3, 4])
+@pytest.mark.parametrize("prefix", ["original", "shortcut"])
+def test_shortft_stages(stage, prefix):
+    """Stage i: no gradient above p_i; the original chain (or no-grad jumps) down to p_i; then a step at p_i and
+    jump + step per later point, all with gradient; connected from 981 to x_0."""
+    P = shortft.PAPER_LORA_POINTS
+    chain = shortft.shortft(GRID50, P, stage=stage, prefix=prefix)
+    assert_connected(chain.trunk, 981)
+    p_i = P[stage - 1]
     x_T = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
     log, _ = run(chain, x_T=x_T)
-    sc = "shortcut+tuned" if lora_in_shortcut else "shortcut"
-    before = [e for e in log if e["t"] > GRID[k]]
-    tuned = [e for e in log if e["model"] == "tuned"]
-    after = log[len(before) + len(tuned):]
-    assert len(before) == (2 if k > 0 else 0) and all(e["model"] == sc and not e["grad"] for e in before)
-    assert [(e["t"], e["s"]) for e in tuned] == [(GRID[k], POINTS[k + 1])] and tuned[0]["grad"]
-    assert len(after) == (m if k < 9 else 0)
-    assert all(e["model"] == sc and e["grad"] for e in after)  # the jumps after carry gradient
-    if after:
-        assert [e["t"] for e in after] + [CLEAN] == shortft.jump_timesteps(POINTS[k + 1], CLEAN, m)
-        assert all(seg.checkpoint for seg in chain.trunk if seg.grad)
-    if k > 0:
-        assert x_T.grad is None  # nothing flows above the trained step
-    cost = shortft.chain_cost(chain)
-    assert cost == {"no_grad": len(before), "grad": 1 + len(after), "skip_path_only": 0,
-                    "checkpointed": 1 + len(after)}
+    assert x_T.grad is None  # truncated: nothing flows above the first gradient step
+    grads = grad_steps(log)
+    assert grads[0] == ("tuned", p_i, GRID50[GRID50.index(p_i) + 1] if p_i != 1 else CLEAN)
+    tuned_after = [t for m, t, s in grads if m == "tuned"]
+    assert tuned_after == list(P[stage - 1:])
+    jumps = [(t, s) for m, t, s in grads if m == "shortcut"]
+    assert jumps == [(GRID50[GRID50.index(a) + 1], b) for a, b in zip(P[stage - 1:], P[stage:])]
+    before = [seg for seg in chain.trunk if not seg.grad]
+    if prefix == "original" or stage == 1:  # the original chain: stacked LoRA at points, base in between
+        assert [seg.t for seg in before] == [t for t in GRID50 if t > (761 if stage == 1 else p_i)]
+        assert all(seg.model == ("tuned" if shortft.active_loras(seg.t, P) else "base") for seg in before)
+    else:
+        assert [seg.model for seg in before if seg.t < 761] == \
+            ["shortcut", "tuned"] * (stage - 2) + ["shortcut"]
 
 
-def test_shortft_with_parameters():
-    """Real parameters: the tuned model's weights get gradient, the frozen shortcut's do not; with
-    lora_in_shortcut the tuned weights also get gradient through the jumps."""
+def test_shortft_segment1_grad_steps():
+    chain = shortft.shortft(GRID50, segment1_grad_steps=12)
+    assert all(seg.grad for seg in chain.trunk)  # the whole of segment 1 (981 … 761) carries gradient
+    x_T = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    run(chain, x_T=x_T)
+    assert x_T.grad is not None
+    assert shortft.chain_cost(shortft.shortft(GRID50, segment1_grad_steps=3))["grad"] == 9
+
+
+def test_shortft_stage_gradient_reaches_exactly_the_stage_loras():
+    """A stand-in of the stacked LoRA: ε = (base + Σ_{i ∈ active_loras(t)} a_i) x, with one scalar a_i per branch,
+    trainable only for trainable_loras(stage). Gradient reaches exactly LoRA_i … LoRA_k, never the shortcut or
+    the base; and a branch whose timesteps all lie above the stage's first gradient step gets none."""
+    P = shortft.PAPER_LORA_POINTS
     sch = shortft.make_schedule()
-    tuned = torch.nn.Linear(2, 2).double()
-    shortcut = torch.nn.Linear(2, 2).double().requires_grad_(False)
-    x_T = torch.randn(4, 2, dtype=torch.float64)
-
-    def grads(lora_in_shortcut):
-        calls = {"tuned": 0, "shortcut+tuned": 0}
-
-        def den(name):
-            def f(x, t, s):
-                calls[name] = calls.get(name, 0) + 1
-                out = shortcut(x) if "shortcut" in name else 0
-                return out + (tuned(x) if "tuned" in name else 0)
-            return f
-
-        tuned.zero_grad()
-        chain = shortft.shortft(GRID, k=3, jumps_after=2, lora_in_shortcut=lora_in_shortcut, checkpoint=False)
-        loss, _ = shortft.reward_loss(x_T, chain, {n: den(n) for n in ("tuned", "shortcut", "shortcut+tuned")},
-                                      sch, lambda x: -(x**2).sum(1))
-        loss.backward()
-        return tuned.weight.grad.clone()
-
-    g_plain, g_in = grads(False), grads(True)
-    assert g_plain.abs().sum() > 0 and g_in.abs().sum() > 0
-    assert not torch.allclose(g_plain, g_in)  # the jumps add their own contribution
-    assert shortcut.weight.grad is None
+    x_T = torch.randn(8, 2, dtype=torch.float64)
+    for aware in (True, False):
+        for stage in range(1, shortft.num_loras(P, aware) + 1):
+            branches = [torch.tensor(0.1 * (i + 1), dtype=torch.float64) for i in range(shortft.num_loras(P, aware))]
+            for i in shortft.trainable_loras(stage, P, aware):
+                branches[i].requires_grad_(True)
+            base = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+            short = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+            den = {"base": lambda x, t, s: base * x,
+                   "tuned": lambda x, t, s: (base + sum((branches[i] for i in shortft.active_loras(t, P, aware)),
+                                                        torch.zeros((), dtype=torch.float64))) * x,
+                   "shortcut": lambda x, t, s: short * x}
+            base.requires_grad_(False), short.requires_grad_(False)
+            loss, _ = shortft.reward_loss(x_T, shortft.shortft(GRID50, P, stage=stage), den, sch,
+                                          lambda x: -(x**2).sum(1))
+            loss.backward()
+            got = [i for i, b in enumerate(branches) if b.grad is not None and float(b.grad) != 0]
+            assert got == list(shortft.trainable_loras(stage, P, aware)), (aware, stage, got)
+            assert base.grad is None and short.grad is None
 
 
-def test_shortft_several_trained_steps():
-    chain = shortft.shortft(GRID, k=2, trained_steps=3, jumps_after=2)
-    assert_connected(chain.trunk, GRID[0])
-    log, _ = run(chain)
-    assert [(e["t"], e["s"]) for e in log if e["model"] == "tuned"] == list(zip(POINTS[2:5], POINTS[3:6]))
-    assert all(e["grad"] for e in log if e["model"] == "tuned")
-    # k is drawn so that all trained steps fit on the grid
-    rng = random.Random(0)
-    for _ in range(40):
-        c = shortft.shortft(GRID, trained_steps=3, jumps_after=2, rng=rng)
-        assert_connected(c.trunk, GRID[0])
-        assert sum(seg.model == "tuned" for seg in c.trunk) == 3
+def test_stage_schedule():
+    assert [shortft.stage_at(p, 4) for p in (0.0, 0.2, 0.26, 0.5, 0.8, 1.0)] == [1, 1, 2, 3, 4, 4]
+    assert [shortft.stage_at(p, 2, (3, 1)) for p in (0.0, 0.7, 0.76)] == [1, 1, 2]
+    assert shortft.trainable_loras(1, shortft.PAPER_LORA_POINTS) == (0, 1, 2, 3)
+    assert shortft.trainable_loras(3, shortft.PAPER_LORA_POINTS) == (2, 3)
+    assert shortft.trainable_loras(2, shortft.PAPER_LORA_POINTS, timestep_aware=False) == (0,)
+    args = shortft.ChainArgs()
+    assert [shortft.stage_of(args, p) for p in (0.0, 0.3, 0.6, 0.9)] == [1, 2, 3, 4]
+    import dataclasses
+    assert shortft.stage_of(dataclasses.replace(args, progressive=False), 0.9) == 1
+    assert shortft.stage_of(dataclasses.replace(args, method="full"), 0.9) == 1
+    with pytest.raises(ValueError, match="stage 5 is out of range"):
+        shortft.trainable_loras(5, shortft.PAPER_LORA_POINTS)
+    with pytest.raises(ValueError, match="4 positive numbers"):
+        shortft.stage_at(0.5, 4, (1, 1))
 
 
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
-@pytest.mark.parametrize("n", [4, 10, 50])
-def test_shortft_every_k_builds_a_connected_chain(spacing, n):
-    grid = shortft.ddim_timesteps(n, spacing=spacing)
-    for k in range(n):
-        for m in (1, 4):
-            chain = shortft.shortft(grid, k=k, jumps_before=2, jumps_after=m)
+def test_shortft_bad_input_is_one_line():
+    cases = [
+        (dict(points=(760, 501, 261, 1)), "not on the 50-step grid"),
+        (dict(points=(501, 761, 1)), "strictly decreasing"),
+        (dict(points=(761, 501)), "last LoRA point must be the grid's last step"),
+        (dict(points=()), "empty"),
+        (dict(stage=0), "stage 0 is out of range"),
+        (dict(stage=5), "stage 5 is out of range"),
+        (dict(segment1_grad_steps=13), "segment1_grad_steps=13"),
+        (dict(segment1_grad_steps=0), "segment1_grad_steps=0"),
+        (dict(prefix="jumps"), "unknown prefix"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg) as e:
+            shortft.shortft(GRID50, **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        shortft.shortft(GRID50[::-1])
+    with pytest.raises(ValueError, match="unknown denoiser 'shortcut\\+tuned'"):
+        shortft.Segment("shortcut+tuned", 981, 961)
+
+
+@pytest.mark.parametrize("n", [4, 10, 20, 50])
+def test_shortft_any_points_build_a_connected_chain(n):
+    grid = shortft.ddim_timesteps(n)
+    rng = random.Random(n)
+    for _ in range(20):
+        k = rng.randint(1, min(4, n))
+        points = sorted(rng.sample(grid[:-1], k - 1), reverse=True) + [grid[-1]]
+        for stage in range(1, k + 1):
+            chain = shortft.shortft(grid, points, stage=stage)
             assert_connected(chain.trunk, grid[0])
-            assert sum(seg.model == "tuned" for seg in chain.trunk) == 1
-            for seg in chain.trunk:
-                assert seg.s is not None and (seg.s == CLEAN or seg.s < seg.t)
-            if k < n - 1:  # M jumps after the trained step, fewer only where fewer timesteps are left
-                assert sum(seg.model == "shortcut" and seg.grad for seg in chain.trunk) == min(m, grid[k + 1] + 1)
+            assert [s.t for s in chain.trunk if s.grad and s.model == "tuned"][-(k - stage + 1):] == points[stage - 1:]
 
 
 def test_jump_timesteps():
@@ -290,48 +358,15 @@ def test_jump_timesteps():
         shortft.jump_timesteps(5, 3, 3)
 
 
-def test_shortft_uniform_sampling_covers_the_grid():
-    rng = random.Random(0)
-    ks = [shortft.draw_trained_step(GRID, rng) for _ in range(300)]
-    assert set(ks) == set(range(10))
-
-
-def test_shortft_stratified_sampling_visits_every_range():
-    boundaries = (700, 300)  # three timestep-aware LoRA ranges
-    grid = shortft.ddim_timesteps(20)
-    rng = random.Random(0)
-    visited = {0: set(), 1: set(), 2: set()}
-    for update in range(60):
-        k = shortft.draw_trained_step(grid, rng, "stratified", boundaries, update)
-        r = shortft.timestep_range_index(grid[k], boundaries)
-        assert r == update % 3  # cycles over the ranges by update number
-        visited[r].add(k)
-        chain = shortft.shortft(grid, rng=random.Random(update), sampling="stratified", boundaries=boundaries,
-                                update=update)
-        t_trained = next(seg.t for seg in chain.trunk if seg.model == "tuned")
-        assert shortft.timestep_range_index(t_trained, boundaries) == update % 3
-    for r, ks in visited.items():
-        assert ks and all(shortft.timestep_range_index(grid[k], boundaries) == r for k in ks)
-    assert shortft.timestep_range_index(999, (500,)) == 0 and shortft.timestep_range_index(499, (500,)) == 1
-    with pytest.raises(ValueError, match="sampling"):
-        shortft.draw_trained_step(grid, rng, "weighted")
-
-
-def test_shortft_bad_switches():
-    with pytest.raises(ValueError, match="k=10"):
-        shortft.shortft(GRID, k=10)
-    with pytest.raises(ValueError, match="k=-1"):
-        shortft.shortft(GRID, k=-1)
-    with pytest.raises(ValueError, match="k=8"):
-        shortft.shortft(GRID, k=8, trained_steps=3)
-    with pytest.raises(ValueError, match="trained_steps"):
-        shortft.shortft(GRID, trained_steps=0)
-    with pytest.raises(ValueError, match="trained_steps"):
-        shortft.shortft(GRID, trained_steps=11)
-    with pytest.raises(ValueError, match="jumps"):
-        shortft.shortft(GRID, k=2, jumps_after=0)
-    with pytest.raises(ValueError, match="strictly decreasing"):
-        shortft.shortft(GRID[::-1], k=2)
+def test_check_chain_args():
+    import dataclasses
+    args = shortft.ChainArgs()
+    shortft.check_chain_args(args)
+    for kw, msg in [(dict(method="draft"), "--method draft"), (dict(lora_points=[760, 1]), "not on the"),
+                    (dict(stage_fractions=[1, 2]), "4 positive"), (dict(segment1_grad_steps=0), "segment1"),
+                    (dict(method="draft_k", draft_k=51), "1 ≤ K ≤ 50"), (dict(num_steps=0), "--num-steps 0")]:
+        with pytest.raises(ValueError, match=msg):
+            shortft.check_chain_args(dataclasses.replace(args, **kw))
 
 
 # ----------------------------------------------------------------------------- make_chain
@@ -341,14 +376,14 @@ def test_make_chain_dispatch_and_errors():
     rng = random.Random(0)
     assert shortft.make_chain("full", GRID).trunk == shortft.full(GRID).trunk
     assert shortft.make_chain("draft_k", GRID, k=2).trunk == shortft.draft_k(GRID, k=2).trunk
-    assert shortft.make_chain("shortft", GRID, rng, k=3, jumps_after=2).trunk == \
-        shortft.shortft(GRID, k=3, jumps_after=2).trunk
+    assert shortft.make_chain("shortft", GRID, rng, points=P10, stage=2).trunk == \
+        shortft.shortft(GRID, P10, stage=2).trunk
     for method in shortft.METHODS:
-        chain = shortft.make_chain(method, GRID, rng)
+        chain = shortft.make_chain(method, GRID, rng, **({"points": P10} if method == "shortft" else {}))
         assert chain.trunk[0].t == GRID[0]
     with pytest.raises(ValueError, match="unknown method 'draft'.*shortft.*drtune"):
         shortft.make_chain("draft", GRID)
     with pytest.raises(ValueError, match="bad switch.*'full'"):
-        shortft.make_chain("full", GRID, jumps_after=3)
+        shortft.make_chain("full", GRID, stage=3)
     with pytest.raises(ValueError, match="bad switch.*'shortft'"):
         shortft.make_chain("shortft", GRID, rng, K=3)

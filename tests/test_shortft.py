@@ -284,6 +284,19 @@ def test_guarded_step_skips_nan_and_leaves_weights_bit_identical():
     assert len(opt.state) == 0  # Adam's moments were not touched either
 
 
+@pytest.mark.parametrize("lr", [float("inf"), float("nan")])
+def test_guarded_step_restores_weights_that_a_step_made_non_finite(lr):
+    """A finite gradient with an absurd learning rate: the step is taken, its non-finite result is undone."""
+    net, loss, _ = _toy_update(1.0)
+    params = list(net.parameters())
+    loss.backward()
+    before = [p.detach().clone() for p in params]
+    applied, norm = shortft.guarded_step(torch.optim.SGD(params, lr=lr), params)
+    assert applied is False and norm == norm and norm > 0
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(p.grad is None for p in params)
+
+
 def test_guarded_step_applies_clipped_update():
     net, loss, _ = _toy_update(1.0)
     params = list(net.parameters())
