@@ -68,7 +68,7 @@ def parse_args(cls, argv: list[str] | None = None):
         if kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif kind in (list, tuple):
-            parser.add_argument(name, type=_element_type(default), nargs="*", default=default, help=help_)
+            parser.add_argument(name, type=_element_type(default, f.type), nargs="*", default=default, help=help_)
         else:
             parser.add_argument(name, type=kind, default=default, help=help_)
     args = cls(**vars(parser.parse_args(argv)))
@@ -83,7 +83,12 @@ def _annotated_type(annotation) -> type:
     return str
 
 
-def _element_type(default) -> type:
+def _element_type(default, annotation) -> type:
+    """Element type of a list field: from its annotation (list[float]), else from its default's first element."""
+    text = str(annotation)
+    for name, kind in (("[int]", int), ("[float]", float), ("[str]", str)):
+        if name in text:
+            return kind
     return type(default[0]) if default else str
 
 
