@@ -1,7 +1,7 @@
 """Image rewards of rewards.py (Sec. 4, SD experiments: PickScore, HPSv2, aesthetic, ImageReward, CLIP score).
 
-Tiny random reward models (tiny.py) are saved to disk and loaded through the very same factories that
-take hub ids; every score is checked against an independent computation (transformers' CLIPModel
+Tiny random reward models (tiny.py, tests/builders.py) are saved to disk and loaded through the very
+same factories that take hub ids; every score is checked against an independent computation (transformers' CLIPModel
 forward, open_clip's forward, the LAION head as explicit matrix products), gradients must reach the
 images and never the frozen reward weights, and every bad input must fail with one clear line.
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import builders
 import rewards
 import tiny
 
@@ -33,7 +34,7 @@ def head_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("head")
     heads = {}
     for suffix in (".safetensors", ".pth"):
-        heads[suffix] = (str(d / f"head{suffix}"), tiny.tiny_aesthetic_head(d / f"head{suffix}", in_dim=16))
+        heads[suffix] = (str(d / f"head{suffix}"), builders.tiny_aesthetic_head(d / f"head{suffix}", in_dim=16))
     return heads
 
 
@@ -203,7 +204,7 @@ def test_aesthetic_rejects_wrong_head(clip_dir, tmp_path):
     save_file({"fc.weight": torch.zeros(1, 16)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="not a LAION aesthetic head"):
         rewards.aesthetic(clip_model=clip_dir, aesthetic_head_path=str(tmp_path / "bad.safetensors"))
-    tiny.tiny_aesthetic_head(tmp_path / "wide.safetensors", in_dim=24)
+    builders.tiny_aesthetic_head(tmp_path / "wide.safetensors", in_dim=24)
     with pytest.raises(ValueError, match="24-d embeddings"):
         rewards.aesthetic(clip_model=clip_dir, aesthetic_head_path=str(tmp_path / "wide.safetensors"))
 
@@ -287,7 +288,7 @@ def test_missing_optional_package(monkeypatch, name, module, package):
 
 def test_hpsv2_equals_open_clip_forward(tmp_path):
     open_clip = pytest.importorskip("open_clip")
-    arch, ckpt = tiny.tiny_open_clip(tmp_path / "hps")
+    arch, ckpt = builders.tiny_open_clip(tmp_path / "hps")
     reward = rewards.make_reward("hpsv2", hpsv2_arch=arch, hpsv2_checkpoint=ckpt, local_files_only=True)
     model = open_clip.create_model(arch, output_dict=True)
     model.load_state_dict(torch.load(ckpt, weights_only=True)["state_dict"])
@@ -325,7 +326,7 @@ def blip_vit(sd, pixels, prefix="blip.visual_encoder.", eps=1e-6):
 
 @pytest.fixture(scope="module")
 def imagereward_dir(tmp_path_factory):
-    return tiny.tiny_imagereward(tmp_path_factory.mktemp("imagereward"))
+    return builders.tiny_imagereward(tmp_path_factory.mktemp("imagereward"))
 
 
 def test_imagereward_vision_encoder_is_blips_vit(imagereward_dir):
