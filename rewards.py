@@ -9,7 +9,13 @@ by backpropagating ∇r through the sampling chain. Every reward here has one si
 
 `make_reward("name")` builds one; `make_reward("pickscore:10,hpsv2:2,aesthetic:0.05")` a weighted sum
 (the paper's combined reward). Heavy reward models import lazily and fail with one line naming the
-missing package or the hub id / file to fetch.
+missing package or the hub id / file to fetch. The paper's weight-free, hackable rewards are `symmetry`
+(−mean |x − mirror(x)|) and `compressibility` (− a differentiable JPEG bit count), each with the paper's
+HPSv2 : PickScore = 1 : 10 regulariser written as a sum, e.g. "symmetry:1,hpsv2:0.001,pickscore:0.01";
+`symmetry_distance` and `jpeg_bits_per_pixel` (PIL, measured) are the evaluation-table numbers.
+
+Notation: x images (B, 3, H, W) in [0, 1]; c prompts; r(x, c) reward (B,); d symmetry distance;
+z = DCT/Q quantised-domain JPEG coefficients.
 
 Run: python -c "import rewards; print(sorted(rewards.REWARDS))"
 """
@@ -17,6 +23,7 @@ Run: python -c "import rewards; print(sorted(rewards.REWARDS))"
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Callable
 
 import torch
@@ -28,16 +35,27 @@ REWARDS: dict[str, Callable[..., Reward]] = {}
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
-    """'a' → [('a', 1.0)];  'a:10,b:2' → [('a', 10.0), ('b', 2.0)]."""
-    terms = []
+    """'a' → [('a', 1.0)];  'a:10, b:-0.5' → [('a', 10.0), ('b', -0.5)]  (spaces around names and weights
+    are ignored; weights are any finite float, negative ones included). One-line ValueError for an empty name,
+    a ':' without a weight, a weight that is not a finite number, or a name given twice."""
+    if not isinstance(spec, str):
+        raise TypeError(f"reward spec must be a string such as 'pickscore:10,hpsv2:2', got {type(spec).__name__}")
+    terms: list[tuple[str, float]] = []
     for part in spec.split(","):
-        name, _, weight = part.strip().partition(":")
+        name, colon, weight = (s.strip() for s in part.partition(":"))
         if not name:
             raise ValueError(f"empty reward name in {spec!r}: write e.g. 'pickscore:10,hpsv2:2'")
+        if colon and not weight:
+            raise ValueError(f"reward {name!r} in {spec!r} has ':' but no weight: write '{name}:1' or just '{name}'")
         try:
-            terms.append((name, float(weight) if weight else 1.0))
+            w = float(weight) if colon else 1.0
         except ValueError:
             raise ValueError(f"reward weight {weight!r} in {spec!r} is not a number") from None
+        if not math.isfinite(w):
+            raise ValueError(f"reward weight {weight!r} of {name!r} in {spec!r} is not finite: use a finite number")
+        if any(name == n for n, _ in terms):
+            raise ValueError(f"reward {name!r} appears twice in {spec!r}: give it once, with the summed weight")
+        terms.append((name, w))
     return terms
 
 
@@ -337,6 +355,180 @@ def saturation() -> Reward:
 
 REWARDS["brightness"] = brightness
 REWARDS["saturation"] = saturation
+
+
+# --- hackable weight-free rewards: the paper's Symmetry and Compressibility ---------------------------
+#
+# Both ignore the prompt and invite reward hacking (a blank or mirrored image scores best), so the paper adds
+# a regulariser HPSv2 : PickScore = 1 : 10 to them. In this repo's sum syntax, with λ the regulariser's
+# overall strength (not given by the paper; λ = 0.001 is this repo's example):
+#     make_reward("symmetry:1,hpsv2:0.001,pickscore:0.01")          (HPSv2 : PickScore = 0.001 : 0.01 = 1 : 10)
+#     make_reward("compressibility:1,hpsv2:0.001,pickscore:0.01")
+# The weights multiply the raw scores as computed here (HPSv2 a cosine ≈ 0.2–0.35, PickScore 100·cos ≈ 18–23).
+
+
+def symmetry_distance(images: torch.Tensor, p: float = 1.0) -> torch.Tensor:
+    """Horizontal-symmetry distance (lower is more symmetric), images (B, 3, H, W) in [0, 1] → (B,):
+
+        d_p(x) = 1/(3HW) Σ_{c,i,j} |x[c, i, j] − x[c, i, W−1−j]|^p,    p = 1 by default,
+
+    the mean over pixels and channels of the difference between the image and its left-right mirror.
+    Why this form: a mean, not a sum, so it does not grow with resolution; on the [0, 1] pixel scale, so
+    d = 0 exactly for a mirror-symmetric image and d = 1 at most (every pixel black facing white; i.i.d.
+    uniform noise gives 1/3 for p = 1); p = 1 (mean absolute difference) keeps a constant-size gradient down
+    to perfect symmetry (p = 2's vanishes there) and does not let a few very asymmetric pixels dominate.
+    d(x) = d(mirror(x)). The paper's own normalisation is not known here, so values are not comparable
+    with its tables in absolute terms, only in order. Not differentiable at exact symmetry for p = 1
+    (torch takes the subgradient 0 there, where d is already at its minimum)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    if not p >= 1:
+        raise ValueError(f"symmetry exponent p must be ≥ 1 (1: mean absolute, 2: mean squared), got {p}")
+    x = images.float()
+    diff = (x - x.flip(-1)).abs()
+    return (diff if p == 1 else diff.pow(p)).flatten(1).mean(1)
+
+
+def symmetry(symmetry_p: float = 1.0) -> Reward:
+    """Symmetry reward r(x) = −d_p(x) (see `symmetry_distance`): ≤ 0, and 0 exactly for a mirror-symmetric
+    image. Ignores the prompt. The paper reports the distance (lower is better); this is its negative."""
+    if not symmetry_p >= 1:
+        raise ValueError(f"symmetry_p must be ≥ 1 (1: mean absolute, 2: mean squared), got {symmetry_p}")
+
+    def reward(images: torch.Tensor, prompts=None) -> torch.Tensor:
+        return -symmetry_distance(images, symmetry_p)
+
+    return reward
+
+
+# JPEG's example quantisation tables (ITU-T T.81 Annex K, K.1 luminance and K.2 chrominance), row-major
+# (natural order, not zigzag); libjpeg/PIL scale them by the IJG quality formula of `jpeg_quant_tables`.
+JPEG_LUMA_TABLE = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+                   14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+                   18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+                   49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+JPEG_CHROMA_TABLE = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
+                     24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99) + (99,) * 32
+
+
+def _check_quality(quality) -> None:
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be an integer in 1…100 (PIL's scale), got {quality!r}")
+
+
+def jpeg_quant_tables(quality: int = 95) -> torch.Tensor:
+    """Quantisation step Q[k, u, v] of (luma, chroma) at an IJG quality, (2, 8, 8) float32:
+    Q = clamp(⌊(T·s + 50) / 100⌋, 1, 255) with s = ⌊5000/quality⌋ below 50, 200 − 2·quality from 50 on
+    (libjpeg's jpeg_quality_scaling; what PIL writes for `quality=`), T the Annex K tables."""
+    _check_quality(quality)
+    s = 5000 // quality if quality < 50 else 200 - 2 * quality  # integer division, as libjpeg does
+    t = torch.tensor([JPEG_LUMA_TABLE, JPEG_CHROMA_TABLE], dtype=torch.float64).view(2, 8, 8)
+    return ((t * s + 50) / 100).floor().clamp(1, 255).float()
+
+
+def rgb_to_ycbcr(images: torch.Tensor) -> torch.Tensor:
+    """JFIF colour transform with JPEG's level shift, (B, 3, H, W) RGB in [0, 1] → (B, 3, H, W) on the
+    8-bit scale centred on 0:  Y = 0.299 R + 0.587 G + 0.114 B − 128,
+    Cb = −0.168736 R − 0.331264 G + 0.5 B,  Cr = 0.5 R − 0.418688 G − 0.081312 B  (R, G, B = 255·x)."""
+    m = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
+                     device=images.device, dtype=images.dtype)
+    shift = torch.tensor([128.0, 0.0, 0.0], device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return torch.einsum("kc,bchw->bkhw", m, 255 * images) - shift
+
+
+def dct_matrix(n: int = 8) -> torch.Tensor:
+    """Orthonormal DCT-II matrix, (n, n): D[k, m] = a_k cos(π (2m + 1) k / 2n), a_0 = √(1/n), a_k = √(2/n).
+    D X Dᵀ of an 8×8 block is JPEG's forward DCT F(u, v) (T.81 A.3.3); the DC term is 8 × the block mean."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    m = torch.arange(n, dtype=torch.float64)[None]
+    d = torch.cos(torch.pi * (2 * m + 1) * k / (2 * n)) * math.sqrt(2 / n)
+    d[0] = math.sqrt(1 / n)
+    return d.float()
+
+
+def block_dct(channel: torch.Tensor, n: int = 8) -> torch.Tensor:
+    """2-D DCT of every n×n block: (B, H, W) with H, W multiples of n → (B, H/n, W/n, n, n), block (i, j)
+    = D X_ij Dᵀ with X_ij = channel[:, n·i : n·i + n, n·j : n·j + n]."""
+    b, h, w = channel.shape
+    blocks = channel.reshape(b, h // n, n, w // n, n).transpose(2, 3)  # (B, H/n, W/n, n, n)
+    d = dct_matrix(n).to(channel.device, channel.dtype)
+    return d @ blocks @ d.T
+
+
+def jpeg_bits_estimate(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """Differentiable estimate of a baseline JPEG's entropy-coded size, in bits per pixel, images (B, 3, H, W)
+    in [0, 1] → (B,). JPEG's own pipeline up to the entropy coder, then a smooth bit count:
+
+        edge-pad to a multiple of 16 → YCbCr (`rgb_to_ycbcr`) → Cb, Cr averaged over 2×2 (4:2:0)
+        → 8×8 block DCT (`block_dct`) → z = F / Q (`jpeg_quant_tables`), DC as the difference to the
+        previous block in scan order (DPCM; luma blocks in 16×16-MCU order)
+        bits(x) = 1/(HW) Σ_{channels, blocks, (u, v)} log2(1 + |z_uv|).
+
+    Why: JPEG codes each non-zero quantised coefficient q with its magnitude category ⌈log2(|q| + 1)⌉ extra
+    bits plus a Huffman code for (zero run, category), and zeros almost for free inside runs / end-of-block.
+    log2(1 + |z|) is that category before rounding: 0 for z = 0, continuous and differentiable (the
+    subgradient 0 at z = 0), growing like the bits. It leaves out the Huffman code lengths and the headers,
+    so it is below the measured size (`jpeg_bits_per_pixel`); tests check that it ranks images (smooth,
+    striped, noisy) as the measured size does, and that ascending its negative shrinks the real file.
+    Computed in float32 with autocast off (bf16 DCTs would blur the small coefficients it counts)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    q = jpeg_quant_tables(quality).to(images.device)
+    h, w = images.shape[-2:]
+    with torch.autocast(images.device.type, enabled=False):
+        x = torch.nn.functional.pad(images.float(), (0, -w % 16, 0, -h % 16), mode="replicate")
+        ycc = rgb_to_ycbcr(x)
+        b, _, hp, wp = ycc.shape
+        luma = block_dct(ycc[:, 0])  # (B, Hp/8, Wp/8, 8, 8)
+        luma = luma.reshape(b, hp // 16, 2, wp // 16, 2, 8, 8).transpose(2, 3).reshape(b, -1, 8, 8)  # MCU order
+        chroma = torch.nn.functional.avg_pool2d(ycc[:, 1:], 2)  # (B, 2, Hp/2, Wp/2)
+        bits = torch.zeros(b, device=images.device)
+        for blocks, table in ((luma, q[0]), (block_dct(chroma[:, 0]).flatten(1, 2), q[1]),
+                              (block_dct(chroma[:, 1]).flatten(1, 2), q[1])):
+            z = blocks / table  # (B, N, 8, 8) in units of the quantisation step
+            dc = z[:, :, 0, 0]
+            dc_diff = dc - torch.nn.functional.pad(dc[:, :-1], (1, 0))  # DPCM, first block against 0
+            ac = z.flatten(2)[:, :, 1:]
+            bits = bits + torch.log2(1 + dc_diff.abs()).sum(1) + torch.log2(1 + ac.abs()).sum((1, 2))
+    return bits / (h * w)
+
+
+def jpeg_bits_per_pixel(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
+    """Measured baseline-JPEG size, bits per pixel = 8 · bytes / (H·W), (B, 3, H, W) in [0, 1] → (B,) float64:
+    each image rounded to 8 bits and encoded in memory by PIL at `quality`, 4:2:0 chroma subsampling,
+    standard Huffman tables (no `optimize`); the file includes its headers (≈ constant at a fixed quality).
+    Not differentiable (no gradient; for evaluation tables). bytes = bpp · H·W / 8."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    _check_quality(quality)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
+    arrays = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    sizes = []
+    for a in arrays:
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(a)).save(buf, format="JPEG", quality=quality, subsampling=2)
+        sizes.append(8 * buf.getbuffer().nbytes / (a.shape[0] * a.shape[1]))
+    return torch.tensor(sizes, dtype=torch.float64)
+
+
+def compressibility(jpeg_quality: int = 95) -> Reward:
+    """Compressibility reward r(x) = −`jpeg_bits_estimate`(x, jpeg_quality): the differentiable stand-in for
+    minus the JPEG file size (the size itself, `jpeg_bits_per_pixel`, has no gradient). Ignores the prompt.
+    ≤ 0; for a constant image only the first block's DC coefficient costs bits (0 at grey 128/255)."""
+    _check_quality(jpeg_quality)
+
+    def reward(images: torch.Tensor, prompts=None) -> torch.Tensor:
+        return -jpeg_bits_estimate(images, jpeg_quality)
+
+    return reward
+
+
+REWARDS["symmetry"] = symmetry
+REWARDS["compressibility"] = compressibility
 
 
 # --- CLIP score ----------------------------------------------------------------------------------------
