@@ -1,15 +1,35 @@
-"""Run folders for the training scripts: arguments from a dataclass, metrics, atomic checkpoints.
+"""Run folders for the training scripts: arguments, metrics and checkpoints that survive bad input and kills.
 
-Not part of the method (nothing here is in the paper); shared by `train_toy.py` and `train_sd.py`
-so that both write `runs/<name>/` the same way:
+Not part of the method (nothing here is in the paper); shared by `train_toy.py`, `train_sd.py` and
+`bench_sd.py` so that they all write `runs/<name>/` the same way:
 
     runs/<name>/args.json            the arguments of the run
     runs/<name>/metrics.jsonl        one JSON object per logged step
-    runs/<name>/checkpoints/step_N/  weights.safetensors + optimizer.safetensors + state.json
+    runs/<name>/checkpoints/step_N/  weights / optimizer / rng .safetensors + state.json (its manifest)
+    runs/<name>/lora/                a folder written with `atomic_folder` (+ MANIFEST.json)
 
-Every file is written to a temporary name and moved into place (`os.replace`), and a checkpoint
-folder appears under its final name only once complete, so an interrupted run never leaves a
-half-written checkpoint. Nothing is ever unpickled: tensors go through safetensors, the rest is JSON.
+Atomic writes. A file is written to `.<name>.tmp`, fsynced, renamed onto `<name>` (os.replace), and its
+folder fsynced. A whole folder `<name>` (a checkpoint, the final LoRA) is swapped in like this:
+
+    1. write every file into `.<name>.tmp/`;
+    2. write the manifest last (size + sha256 of every other file, each fsynced), fsync the folder;
+    3. rename `<name>` → `.<name>.old` (if it exists), then `.<name>.tmp` → `<name>`, fsync the parent;
+    4. delete `.<name>.old` (a deletion renames to `.<name>.del` first, so half-deleted is never read).
+
+A folder is *complete* when its manifest parses and every file it lists has the listed size and hash.
+Wherever a kill lands, the previous complete copy or the new one survives among `.<name>.tmp`, `<name>`,
+`.<name>.old` (newest first); readers take the first complete one in that order, and the next write of
+the folder (or `recover_folder`) renames that one to `<name>` and deletes the rest. Old checkpoints are
+deleted only after the new one is in place. `metrics.jsonl` is only appended to: a line torn by a kill
+is cut off at the next append.
+
+Errors. Whatever the user can fix raises a `RunError` (a ValueError) with a one-line message, arguments
+as `--flag VALUE: what is wrong and what to do`; `cli` prints it as `<script>: error: <message>` and exits
+with status 2, no traceback. Nothing is unpickled: tensors go through safetensors, the rest is JSON.
+NaN/inf tensors are never written, and never loaded from a checkpoint.
+
+Notation: step_N the checkpoint after N updates (N zero-padded to 7 digits); `expect` the weights
+(name → tensor or shape) a checkpoint must match; `keys` the arguments a resumed run must keep.
 
 Run: python -c "import runio; print(runio.latest_checkpoint('runs/toy'))"
 """
@@ -18,20 +38,81 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
+import hashlib
 import inspect
 import json
+import math
 import os
 import random
+import re
 import shutil
+import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class RunError(ValueError):
+    """A problem the user can fix, said in one line; `cli` prints it and exits with status 2."""
+
+
+class ArgError(RunError):
+    """A bad command-line value: `--flag VALUE: what is wrong and what to do`."""
+
+    def __init__(self, flag: str, value: Any, what: str):
+        super().__init__(f"{_flag(flag)} {_shown(value)}: {what}")
+
+
+class CheckpointError(RunError):
+    """A checkpoint or tensors file that is incomplete, corrupt or holds NaN/inf (resuming skips it)."""
+
+
+class MismatchError(RunError):
+    """Saved with other settings than the current run (arguments, keys, shapes): resuming stops."""
+
+
+def require(ok: bool, flag: str, value: Any, what: str) -> None:
+    """Raise `ArgError` (`--flag VALUE: what`) unless `ok`; for a script's `check_args(args)`."""
+    if not ok:
+        raise ArgError(flag, value, what)
+
+
+def require_range(flag: str, value: Any, low: float | None = None, high: float | None = None, *,
+                  low_open: bool = False, what: str = "") -> None:
+    """`require` a finite number in [low, high] ((low, high] with `low_open`); nan and ±inf always fail."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = number and (low is None or value > low or (value == low and not low_open)) and (high is None or value <= high)
+    if low is not None and high is not None:
+        span = f" in {'(' if low_open else '['}{low:g}, {high:g}]"
+    elif low is not None:
+        span = f" {'>' if low_open else '≥'} {low:g}"
+    else:
+        span = "" if high is None else f" ≤ {high:g}"
+    require(ok, flag, value, f"must be a finite number{span}" + (f"; {what}" if what else ""))
+
+
+def _flag(name: str) -> str:
+    return name if name.startswith("-") else "--" + name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    """A value as it would be typed on the command line."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_shown(v) for v in value) if value else "(empty)"
+    text = str(value)
+    return text if text and not any(c.isspace() for c in text) else repr(text)
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -55,11 +136,28 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def parse_args(cls, argv: list[str] | None = None):
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + error; --help has the rest
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _finite_float(text: str) -> float:
+    """argparse type of every float field: nan and ±inf are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def parse_args(cls, argv: list[str] | None = None, check: Callable[[Any], None] | None = None):
     """Build an argparse parser from a dataclass of arguments and return a filled instance.
-    Booleans become --flag/--no-flag; `None` defaults accept a value of the annotated type."""
+    Booleans become --flag/--no-flag; `None` defaults accept a value of the annotated type; floats must
+    be finite. Bad values, and a ValueError from `check(args)`, exit with one line and status 2."""
     docs = _field_docs(cls)
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().splitlines()[0])
+    parser = _Parser(description=(cls.__doc__ or "").strip().splitlines()[0])
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = type(default) if default is not None else _annotated_type(f.type)
@@ -68,11 +166,29 @@ def parse_args(cls, argv: list[str] | None = None):
         if kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif kind in (list, tuple):
-            parser.add_argument(name, type=_element_type(default, f.type), nargs="*", default=default, help=help_)
+            parser.add_argument(name, type=_parse_type(_element_type(default, f.type)), nargs="*", default=default,
+                                help=help_)
         else:
-            parser.add_argument(name, type=kind, default=default, help=help_)
+            parser.add_argument(name, type=_parse_type(kind), default=default, help=help_)
     args = cls(**vars(parser.parse_args(argv)))
+    if check is not None:
+        try:
+            check(args)
+        except ValueError as e:
+            parser.error(str(e))
     return args
+
+
+def cli(main: Callable[[Any], Any], cls, check: Callable[[Any], None] | None = None,
+        argv: list[str] | None = None):
+    """A script's entry point: `parse_args(cls, argv, check)`, then `main(args)`; a `RunError` raised
+    anywhere in `main` ends the script with one line on stderr and exit status 2."""
+    args = parse_args(cls, argv, check)
+    try:
+        return main(args)
+    except RunError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _annotated_type(annotation) -> type:
@@ -92,37 +208,115 @@ def _element_type(default, annotation) -> type:
     return type(default[0]) if default else str
 
 
+def _parse_type(kind: type) -> Callable[[str], Any]:
+    return _finite_float if kind is float else kind
+
+
+def run_dir(out: str | Path, name: str, *, out_flag: str = "--out", name_flag: str = "--name") -> Path:
+    """`out/name`, created: refuses (ArgError) a name that is not one plain folder name (absolute, `..`,
+    separators) and an `out` where the run folder cannot be created or written."""
+    plain = bool(name) and name not in (".", "..") and not any(s in name for s in ("/", "\\", "\0", os.sep)) \
+        and not os.path.isabs(name)
+    require(plain, name_flag, name, "must be one plain folder name (no '/', '\\' or '..'): the run folder is "
+                                    f"{out_flag.lstrip('-').upper()}/NAME")
+    path = Path(out) / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ArgError(out_flag, out, f"cannot write the run folder {path} ({e.strerror or e}): "
+                                      "choose a writable folder") from None
+    return path
+
+
 # ----------------------------------------------------------------------------- files
 
 
 def write_json(obj: Any, path: str | Path) -> None:
-    """Write JSON atomically (temporary file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)
+    """Write JSON atomically (temporary file, fsync, os.replace)."""
+    text = json.dumps(obj, indent=2, default=_jsonable)
+    _write_atomic(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def append_jsonl(obj: dict, path: str | Path) -> None:
-    """Append one metrics record (a line of JSON)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=_jsonable) + "\n")
+    """Append one metrics record (a line of JSON); a last line torn by a kill is cut off first."""
+    line = (json.dumps(obj, default=_jsonable) + "\n").encode()
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+        f.write(line)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """safetensors, written atomically; refuses NaN/inf (CheckpointError naming the tensor)."""
+    cpu = _cpu(tensors)
+    _refuse_nonfinite(cpu, str(path))
+    _write_atomic(Path(path), lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file: FileNotFoundError if missing, CheckpointError if unreadable or NaN/inf."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no weights file at {path}")
-    return load_file(str(path), device=str(device))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_one_line(e)})") from None
+    bad = _nonfinite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN/inf (corrupt file)")
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    try:
+        write(tmp)
+        _fsync(tmp)
+        _pause("file-written")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (folders: POSIX only)."""
+    if path.is_dir() and os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing: {what}") from None
+    except (ValueError, OSError) as e:
+        raise RunError(f"{path} is not readable JSON ({_one_line(e)}): {what}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _jsonable(o):
@@ -135,6 +329,150 @@ def _jsonable(o):
     if dataclasses.is_dataclass(o):
         return dataclasses.asdict(o)
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def _cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _nonfinite(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor holding NaN/inf, or None."""
+    for k, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return k
+    return None
+
+
+def _refuse_nonfinite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    bad = _nonfinite(tensors)
+    if bad is not None:
+        raise CheckpointError(f"refusing to write {what}: tensor {bad!r} holds NaN/inf (the run diverged: "
+                              "resume from the last checkpoint with a lower --lr)")
+
+
+def _pause(point: str) -> None:
+    """Test hook: with RUNIO_PAUSE=point:FILE in the environment, create FILE and sleep at `point`, so a
+    test can SIGKILL the process exactly there. Points: file-written, folder-filled, manifest-written,
+    old-moved, swapped, removing."""
+    name, _, flag = os.environ.get("RUNIO_PAUSE", "").partition(":")
+    if name == point:
+        Path(flag).touch()
+        time.sleep(600)
+
+
+# ----------------------------------------------------------------------------- atomic folders
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    """`.<name>.tmp` / `.old` / `.del` next to `path`."""
+    return path.parent / f".{path.name}.{kind}"
+
+
+def folder_problem(folder: str | Path, manifest: str = "MANIFEST.json") -> str | None:
+    """Why `folder` is not a complete copy (one line), or None when every file its manifest lists is
+    there with the listed size and sha256."""
+    folder = Path(folder)
+    try:
+        files = json.loads((folder / manifest).read_text())["files"]
+        listed = [(name, int(e["bytes"]), str(e["sha256"])) for name, e in files.items()]
+    except FileNotFoundError:
+        return f"no {manifest} (its write did not finish)"
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        return f"{manifest} is unreadable"
+    for name, size, sha in listed:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, its manifest says {size}"
+        if _sha256(path) != sha:
+            return f"{name} does not match its checksum (corrupt)"
+    return None
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, manifest: str = "MANIFEST.json", meta: dict | None = None) -> Iterator[Path]:
+    """Write a whole folder atomically (module docstring): `with atomic_folder(run / "lora") as tmp:
+    save(tmp)`. The files written into `tmp` replace `path` only once all are on disk, with a manifest
+    (`meta` plus "files": size and sha256 of each) written last; an exception discards them."""
+    path, meta = Path(path), dict(meta or {})
+    json.dumps(meta, default=_jsonable)  # fail before writing anything
+    _recover(path, manifest)
+    tmp = _sibling(path, "tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _pause("folder-filled")
+        _write_manifest(tmp, manifest, meta)
+        _pause("manifest-written")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_in(tmp, path)
+
+
+def recover_folder(path: str | Path, manifest: str = "MANIFEST.json") -> bool:
+    """Finish or undo an interrupted `atomic_folder` write of `path`; True if `path` now holds a complete
+    copy (e.g. `if not recover_folder(run / "lora"): save the LoRA`)."""
+    _recover(Path(path), manifest)
+    return folder_problem(path, manifest) is None
+
+
+def _write_manifest(folder: Path, manifest: str, meta: dict) -> None:
+    """Step 2: size and sha256 of every file (each fsynced), then the manifest itself, then the folder."""
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        _fsync(f)
+        files[f.relative_to(folder).as_posix()] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    for d in {f.parent for f in folder.rglob("*") if f.is_file() and f.parent != folder}:
+        _fsync(d)
+    write_json({**meta, "files": files}, folder / manifest)  # fsyncs `folder` too
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Steps 3-4: `path` → `.old`, complete `tmp` → `path`, delete `.old`."""
+    old = _sibling(path, "old")
+    if old.exists():
+        _remove(old, path)
+    if path.exists():
+        os.rename(path, old)
+        _fsync(path.parent)
+        _pause("old-moved")
+    os.rename(tmp, path)
+    _fsync(path.parent)
+    _pause("swapped")
+    if old.exists():
+        _remove(old, path)
+
+
+def _remove(folder: Path, path: Path) -> None:
+    """Delete `folder` (`path` or one of its siblings) by renaming it to `.<name>.del` first."""
+    trash = _sibling(path, "del")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.rename(folder, trash)
+    _fsync(path.parent)
+    _pause("removing")
+    shutil.rmtree(trash)
+
+
+def _recover(path: Path, manifest: str) -> None:
+    """Leave at most `path` of `path`, `.tmp`, `.old`, `.del`: the newest complete copy."""
+    tmp, old, trash = (_sibling(path, k) for k in ("tmp", "old", "del"))
+    if trash.exists():
+        shutil.rmtree(trash)
+    if tmp.exists():
+        if folder_problem(tmp, manifest) is None:
+            _swap_in(tmp, path)  # killed after step 2: the new copy is complete, finish the swap
+        else:
+            shutil.rmtree(tmp)  # killed in step 1 or 2: `path` was never touched
+    if old.exists():
+        if path.exists():
+            _remove(old, path)  # killed in step 4
+        else:
+            os.rename(old, path)  # no newer complete copy (the protocol never leaves this): restore the old one
+            _fsync(path.parent)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -191,48 +529,166 @@ def _tuplify(o):
     return tuple(_tuplify(x) for x in o) if isinstance(o, list) else o
 
 
+_STEP = re.compile(r"step_(\d+)")
+_STEP_LEFTOVER = re.compile(r"\.(step_\d+)\.(tmp|old|del)")
+
+
 def save_checkpoint(
     run_dir: str | Path, step: int, weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-    state: dict, extra_files: dict[str, Path] | None = None,
+    state: dict, extra_files: dict[str, Path] | None = None, keep: int | None = None,
 ) -> Path:
-    """Write `checkpoints/step_{step}/` atomically: weights, optimizer, RNG and `state` (JSON).
-    `extra_files` (name → existing file) are moved in as well, e.g. a diffusers-format LoRA."""
+    """Write `checkpoints/step_N/` atomically (module docstring): weights, optimizer, RNG, and `state`
+    in state.json, the manifest. `extra_files` (name → existing file) are moved in as well, e.g. a
+    diffusers-format LoRA. NaN/inf anywhere: CheckpointError, nothing written. Once the new folder is in
+    place, checkpoints of later steps (left by a run restarted or resumed from an earlier one) are
+    deleted and, with `keep`, all but the newest `keep`."""
+    require(keep is None or keep >= 1, "keep", keep, "keep at least the newest checkpoint")
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:07d}.", dir=root))
     opt_tensors, opt_meta = optimizer_tensors(optimizer)
     rng_tensors, rng_meta = rng_state()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
-    save_file({k: v.contiguous().cpu() for k, v in rng_tensors.items()}, str(tmp / "rng.safetensors"))
-    for name, src in (extra_files or {}).items():
-        shutil.move(str(src), tmp / name)
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, "rng": rng_meta, **state},
-                                               default=_jsonable))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    files = {"weights.safetensors": _cpu(weights), "optimizer.safetensors": _cpu(opt_tensors),
+             "rng.safetensors": _cpu(rng_tensors)}
+    for name, tensors in files.items():
+        _refuse_nonfinite(tensors, f"checkpoint step {step} ({name})")
+    _tidy(root)
+    final = root / f"step_{step:07d}"
+    with atomic_folder(final, "state.json", {**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}) as tmp:
+        for name, tensors in files.items():
+            save_file(tensors, str(tmp / name))
+        for name, src in (extra_files or {}).items():
+            shutil.move(str(src), tmp / name)
+    done = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP.fullmatch(p.name)))
+    older = [p for n, p in done if n < step]
+    for p in [p for n, p in done if n > step] + (older[:len(older) - keep + 1] if keep else []):
+        _remove(p, p)
     return final
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder of a run, or None."""
+def _tidy(root: Path) -> None:
+    """Finish or undo every interrupted checkpoint write under `root` (see `recover_folder`)."""
+    if root.is_dir():
+        for name in sorted({m.group(1) for p in root.iterdir() if (m := _STEP_LEFTOVER.fullmatch(p.name))}):
+            _recover(root / name, "state.json")
+
+
+def _candidates(run_dir: str | Path) -> list[Path]:
+    """Every folder that may hold a checkpoint, newest first: per step `.step_N.tmp`, `step_N`, `.step_N.old`."""
     root = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
+    found = []
+    for p in root.iterdir() if root.is_dir() else []:
+        if m := _STEP.fullmatch(p.name):
+            found.append((-int(m.group(1)), 1, p))
+        elif (m := _STEP_LEFTOVER.fullmatch(p.name)) and m.group(2) != "del":
+            found.append((-int(m.group(1)[5:]), 0 if m.group(2) == "tmp" else 2, p))
+    return [p for *_, p in sorted(found)]
 
 
-def load_checkpoint(ckpt: str | Path, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True):
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (manifest verified), or None. After a kill it may
+    be a `.step_N.tmp` folder; the next `save_checkpoint` renames it."""
+    return next((p for p in _candidates(run_dir) if folder_problem(p, "state.json") is None), None)
+
+
+def load_checkpoint(ckpt: str | Path, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True,
+                    expect: Mapping[str, Any] | None = None):
     """Read a checkpoint written by `save_checkpoint`: returns (weights, state) and restores the
-    optimizer and the RNGs in place."""
+    optimizer and the RNGs in place, only once every check passed: complete (CheckpointError), finite
+    (CheckpointError), and with `expect` (name → tensor or shape) the same keys and shapes (MismatchError)."""
     ckpt = Path(ckpt)
     if not (ckpt / "state.json").is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no state.json)")
+    problem = folder_problem(ckpt, "state.json")
+    if problem is not None:
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint: {problem}")
     state = json.loads((ckpt / "state.json").read_text())
-    weights = load_file(str(ckpt / "weights.safetensors"))
+    state.pop("files")
+    weights, opt, rng = (load_tensors(ckpt / f"{n}.safetensors") for n in ("weights", "optimizer", "rng"))
+    if expect is not None:
+        check_weights(weights, expect, str(ckpt))
     if optimizer is not None:
-        load_optimizer_tensors(optimizer, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+        _check_optimizer(optimizer, opt, state["optimizer"], ckpt)
+        load_optimizer_tensors(optimizer, opt, state["optimizer"])
     if restore_rng:
-        set_rng_state(load_file(str(ckpt / "rng.safetensors")), state["rng"])
+        set_rng_state(rng, state["rng"])
     return weights, state
+
+
+def check_weights(weights: Mapping[str, torch.Tensor], expect: Mapping[str, Any], where: str = "checkpoint") -> None:
+    """MismatchError unless `weights` has exactly the keys of `expect` (name → tensor or shape) with the
+    same shapes; the message names a few of the keys that differ."""
+    shape = lambda v: tuple(v.shape) if hasattr(v, "shape") else tuple(v)  # noqa: E731
+    foreign, missing = sorted(set(weights) - set(expect)), sorted(set(expect) - set(weights))
+    other = [k for k in sorted(set(weights) & set(expect)) if tuple(weights[k].shape) != shape(expect[k])]
+    few = lambda ks: ", ".join(ks[:3]) + (", …" if len(ks) > 3 else "")  # noqa: E731
+    parts = ([f"{len(foreign)} unexpected keys ({few(foreign)})"] if foreign else []) \
+        + ([f"{len(missing)} missing keys ({few(missing)})"] if missing else []) \
+        + ([f"{len(other)} other shapes ({other[0]}: {tuple(weights[other[0]].shape)}, "
+            f"expected {shape(expect[other[0]])})"] if other else [])
+    if parts:
+        raise MismatchError(f"{where}: {'; '.join(parts)}: saved from another model or LoRA setup "
+                            "(rank, targets, timestep ranges): start a new run (another --name)")
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                     ckpt: Path) -> None:
+    """The saved optimizer state fits `optimizer`: as many parameters per group, per-parameter tensors
+    (Adam moments, momentum) of the parameter's shape."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved = [len(g["params"]) for g in meta["param_groups"]]
+    if saved != [len(g["params"]) for g in optimizer.param_groups]:
+        raise MismatchError(f"{ckpt}: its optimizer holds {saved} parameters per group, this run "
+                            f"{[len(g['params']) for g in optimizer.param_groups]}: start a new run (another --name)")
+    for name, t in tensors.items():
+        p = params[int(name.split(".", 1)[0])]
+        if t.dim() > 0 and t.shape != p.shape:
+            raise MismatchError(f"{ckpt}: optimizer state {name} has shape {tuple(t.shape)}, its parameter "
+                                f"{tuple(p.shape)}: start a new run (another --name)")
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def check_settings(saved: Mapping[str, Any], current: Any, keys: Iterable[str], where: str = "the saved run") -> None:
+    """MismatchError naming the first of `keys` whose value differs between `saved` (e.g. args.json) and
+    `current` (the arguments dataclass, or a dict)."""
+    now = json.loads(json.dumps(current if isinstance(current, Mapping) else dataclasses.asdict(current),
+                                default=_jsonable))
+    for k in keys:
+        if k not in saved or saved[k] != now[k]:
+            was = _shown(saved[k]) if k in saved else "no value for it"
+            raise MismatchError(f"{_flag(k)} {_shown(now[k])}: {where} was made with {was}: resume with that "
+                                "value, or start a new run (another --name)")
+
+
+def check_resume(run_dir: str | Path, args: Any, keys: Iterable[str]) -> Path:
+    """Before a resumed run writes anything (args.json included): RunError if `run_dir` holds no complete
+    checkpoint, MismatchError if its args.json differs from `args` on `keys` (e.g. method, reward,
+    lora_rank, seed). Returns the newest complete checkpoint."""
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise RunError(f"--resume: nothing to resume, {run_dir / 'checkpoints'} holds no complete checkpoint: "
+                       "drop --resume to start a new run")
+    saved = _read_json(run_dir / "args.json", "the settings of its checkpoints are unknown; start a new run")
+    check_settings(saved, args, keys, str(run_dir))
+    return ckpt
+
+
+def resume_checkpoint(run_dir: str | Path, optimizer: torch.optim.Optimizer | None = None,
+                      expect: Mapping[str, Any] | None = None, restore_rng: bool = True):
+    """`load_checkpoint` the newest checkpoint of `run_dir` that loads, saying which one; each newer one
+    that is incomplete, corrupt or non-finite is skipped with a one-line message. Returns (path, weights,
+    state). RunError if none loads; a MismatchError (keys, shapes, optimizer) stops at once."""
+    skipped = 0
+    for ckpt in _candidates(run_dir):
+        try:
+            weights, state = load_checkpoint(ckpt, optimizer, restore_rng, expect)
+        except (CheckpointError, FileNotFoundError) as e:
+            print(f"skipping checkpoint: {e}", file=sys.stderr)
+            skipped += 1
+            continue
+        print(f"resuming from {ckpt} (step {state['step']})")
+        return ckpt, weights, state
+    raise RunError(f"--resume: nothing to resume, {Path(run_dir) / 'checkpoints'} holds "
+                   + (f"no checkpoint that loads ({skipped} skipped)" if skipped else "no checkpoint")
+                   + ": drop --resume to start a new run")
