@@ -68,17 +68,17 @@ class BenchArgs(toy.WorldArgs):
     """fine-tuning seeds of every variant (LoRA init, x_T draws, chain draws)"""
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     """rows to train (names of bench_toy.VARIANTS)"""
-    reward: str = "region:1,quality:1"
+    reward: str = train_toy.Args.reward
     """training reward of every variant (train_toy.py --reward)"""
     smooth_reward: str = "region"
     """a smooth reward on which gradient fidelity is measured as well"""
     budget: float = 4.0
     """budget of update time per run (equal compute), in --budget-unit"""
-    budget_unit: str = "cpu_seconds"
+    budget_unit: str = train_toy.Args.budget_unit
     """cpu_seconds, seconds or updates (train_toy.py --budget-unit)"""
     evals: int = 8
     """held-out evaluations per run (plus one before training)"""
-    eval_batch: int = 512
+    eval_batch: int = train_toy.Args.eval_batch
     """fixed held-out batch of the evaluation"""
     grad_samples: int = 256
     """x_T samples of the gradient measurements"""
@@ -191,16 +191,16 @@ def plot(out: Path, metrics: dict, world: toy.Toy, samples: dict, args: BenchArg
     save(fig, "shortcut_jumps.png")
 
     fid = metrics["gradient_fidelity"]
-    fig, axes = plt.subplots(1, len(fid), figsize=(4.2 * len(fid), 3.4), squeeze=False)
-    for ax, (label, f) in zip(axes[0], fid.items()):
+    fig, axes = plt.subplots(2, (len(fid) + 1) // 2, figsize=(9, 6.4), squeeze=False, sharey=True)
+    for ax, (label, f) in zip(axes.flat, fid.items()):
         rows = f["cosine"]
-        for j, name in enumerate(world.names):
-            ys = [r.get(name, float("nan")) for r in rows.values()]
-            ax.plot(range(len(rows)), ys, "o-", label=name)
+        for name in world.names:
+            ax.plot(range(len(rows)), [r.get(name, float("nan")) for r in rows.values()], "o-", label=name)
         ax.set_xticks(range(len(rows)), [r.replace("stage ", "s").replace(", segment1_grad_steps ", "/") for r in rows])
-        ax.set(ylim=(-0.1, 1.05), title=label, ylabel="cos to the exact gradient")
-        ax.title.set_fontsize(8)
-        ax.legend(fontsize=7)
+        ax.set(ylim=(-0.1, 1.05), title=label, ylabel="cos to the exact gradient",
+               xlabel="stage (s1/n: gradient through n steps of segment 1)")
+        ax.title.set_fontsize(9)
+    axes.flat[0].legend(fontsize=7)
     save(fig, "grad_cosine.png")
 
     gn = metrics["gradient_norm"]
@@ -212,11 +212,16 @@ def plot(out: Path, metrics: dict, world: toy.Toy, samples: dict, args: BenchArg
     ax.legend(fontsize=8)
     save(fig, "grad_norm_vs_chain_length.png")
 
-    fig, axes = plt.subplots(1, len(samples), figsize=(2.3 * len(samples), 2.6), squeeze=False)
-    for ax, (v, (before, after)) in zip(axes[0], samples.items()):
+    cols = (len(samples) + 1) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(2.2 * cols, 4.6), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (v, (before, after)) in zip(axes.flat, samples.items()):
         ax.scatter(*before.T, s=2, alpha=0.3, c="gray")
         ax.scatter(*after.T, s=2, alpha=0.5, c="C3")
-        ax.set(xlim=(-3.2, 3.2), ylim=(-3.2, 3.2), aspect="equal", xticks=[], yticks=[])
+        if "region" in args.reward:  # the region reward's disc
+            ax.add_patch(plt.Circle((0.0, 2.0), 0.3, fill=False, color="k", lw=0.8))
+        ax.set(xlim=(-3.2, 3.2), ylim=(-3.2, 3.2), aspect="equal")
         ax.set_title(VARIANTS[v][0], fontsize=7)
     save(fig, "samples_before_after.png")
     return files

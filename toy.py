@@ -48,7 +48,7 @@ class WorldArgs:
     world_seed: int = 0
     """seed of the data, the base's pretraining, the shortcut's distillation and the evaluation batch"""
     cache_dir: str = "runs/cache"
-    """where pretrained base and distilled shortcut are cached (keyed by a hash of the fields below)"""
+    """where the pretrained base and the distilled shortcut are cached (keyed by a hash of the world's fields)"""
     radius: float = 2.0
     """ring radius R (the data scale that trajectory errors are relative to)"""
     modes: int = 8

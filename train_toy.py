@@ -34,7 +34,7 @@ CLOCKS = {"seconds": time.perf_counter, "cpu_seconds": time.process_time}
 
 
 @dataclass
-class Args(shortft.ChainArgs, toy.WorldArgs):
+class Args(toy.WorldArgs, shortft.ChainArgs):
     """Fine-tune the 2D toy diffusion with one reward-backpropagation method (ShortFT or a baseline)."""
 
     name: str = ""
@@ -75,6 +75,9 @@ class Args(shortft.ChainArgs, toy.WorldArgs):
 
 def check_args(args: Args) -> None:
     """One-line ValueError for arguments that cannot work, before anything is built."""
+    if args.num_steps != toy.NUM_STEPS:
+        raise ValueError(f"--num-steps {args.num_steps}: the toy world runs SD1.5's {toy.NUM_STEPS}-step grid "
+                         f"(its shortcut is distilled on it)")
     shortft.check_chain_args(args)
     for name, _ in rewards.parse_reward_spec(args.reward):
         if name not in rewards.REWARDS:

@@ -172,6 +172,7 @@ def test_resume_is_bit_exact_across_stage_boundaries(cache, tmp_path, method, re
     (["--method", "sgd"], "unknown method"),
     (["--reward", "beauty"], "unknown reward 'beauty'"),
     (["--budget-unit", "hours"], "--budget-unit hours"),
+    (["--num-steps", "20"], "50-step grid"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
