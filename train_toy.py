@@ -131,6 +131,12 @@ def train(args: Args, log=print) -> dict:
                 (run_dir / old).unlink(missing_ok=True)
         runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
     base_reward = reward_fn(toy.sample(world, x_eval, c_eval, shortft.BASE), c_eval).mean().item()
+    grad_evals = {s: shortft.chain_cost(shortft.make_chain(args.method, world.grid, random.Random(0),
+                                                           **shortft.chain_switches(args, s)))["grad"]
+                  for s in sorted({shortft.stage_of(args, i / 100) for i in range(100)})}
+    log(f"{args.method}: LoRA branches {names} ({sum(p.numel() for p in params)} params) at points {points or 'every step'}; "
+        f"gradient evaluations per update by stage {grad_evals}; budget {args.budget:g} {args.budget_unit}; "
+        f"base's held-out reward {base_reward:.3f}")
     clock = CLOCKS.get(args.budget_unit, time.perf_counter)
 
     def progress() -> float:
