@@ -256,10 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {}
         for v in args.variants:
             for seed in args.seeds:
-                run = train_toy.Args(**{f.name: getattr(args, f.name) for f in dataclasses.fields(toy.WorldArgs)},
-                                     name=f"{v}-s{seed}", out_dir=str(out), seed=seed, reward=args.reward,
-                                     budget=args.budget, budget_unit=args.budget_unit, evals=args.evals,
-                                     eval_batch=args.eval_batch, threads=args.threads, **VARIANTS[v][1])
+                run = train_toy.Args(**dataclasses.asdict(toy.world_args(args)), name=f"{v}-s{seed}", out_dir=str(out),
+                                     seed=seed, reward=args.reward, budget=args.budget, budget_unit=args.budget_unit,
+                                     evals=args.evals, eval_batch=args.eval_batch, threads=args.threads, **VARIANTS[v][1])
                 train_toy.check_args(run)
                 runs.setdefault(v, []).append(train_toy.train(run, log=lambda *a: None))
                 f = runs[v][-1]["final"]

@@ -89,6 +89,7 @@ class WorldArgs:
 CACHE_VERSION = 3  # bump when the model or a cached stage changes
 BASE_FIELDS = ("world_seed", "radius", "modes", "classes", "mode_std", "hidden", "depth", "pretrain_steps",
                "pretrain_batch", "p_uncond")
+SHORTCUT_FIELDS = tuple(f.name for f in dataclasses.fields(WorldArgs) if f.name != "cache_dir")
 NUM_STEPS = 50  # the grid the shortcut is distilled on and every chain runs on (SD1.5's sampler)
 
 
@@ -362,7 +363,7 @@ def build_toy(w: WorldArgs, points: Sequence[int] | None = None, timestep_aware:
                 None if points is None else tuple(points), timestep_aware, shortcut.lora_layers(model))
 
     t0 = time.perf_counter()
-    sc_path = cache / f"shortcut_{cache_key(w, [f.name for f in dataclasses.fields(WorldArgs) if f.name != 'cache_dir'])}.safetensors"
+    sc_path = cache / f"shortcut_{cache_key(w, SHORTCUT_FIELDS)}.safetensors"
     hit = sc_path.is_file()
     if hit:
         shortcut.load_adapter_state_dict(model, "shortcut", runio.load_tensors(sc_path))
