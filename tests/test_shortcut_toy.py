@@ -1,15 +1,15 @@
-"""Toy shortcut (shortcut.py, toy section): the teacher map against shortft's own DDIM chain, the
-central-difference JVP against forward-mode AD, adapter save/load, and a distillation budget test."""
-
+"""Toy shortcut (shortcut.py, toy section; toy.py): the teacher map against shortft's own DDIM chain, the
+central-difference JVP against forward-mode AD, adapter save/load, the chain's jump pairs, and a distillation
+budget test (trajectory error from x_T and on the paper's jumps 741→501, 481→261, 241→1)."""
 
 import pytest
 import torch
 
+import measure_toy
+import runio
 import shortcut
 import shortft
-import train_toy as T
-
-
+import toy
 
 
 def linear_eps(x, t, s, c):
@@ -39,8 +39,8 @@ def test_teacher_map_equals_shortft_chain_on_the_grid():
     pts = grid + [shortft.CLEAN]
     for i in range(6):
         a, b = pts.index(int(t[i])), pts.index(int(s[i]))
-        segs = [shortft.Segment("m", u, v, grad=False) for u, v in zip(pts[a:b], pts[a + 1 : b + 1])]
-        ref = shortft.run_chain(x[i : i + 1], segs, {"m": den}, sch)
+        segs = [shortft.Segment(shortft.BASE, u, v, grad=False) for u, v in zip(pts[a:b], pts[a + 1 : b + 1])]
+        ref = shortft.run_chain(x[i : i + 1], segs, {shortft.BASE: den}, sch)
         assert torch.allclose(out[i : i + 1], ref, atol=1e-5), i
 
 
@@ -71,35 +71,50 @@ def test_distillation_loss_is_zero_for_the_exact_one_step_teacher():
 
 
 def test_adapter_save_load_roundtrip(tmp_path):
-    m = T.EpsMLP(16, 1, 4, emb=8)
-    T.add_lora(m, "shortcut", 4, 0, T.linear_names(m))
+    """runio.save_tensors(shortcut.adapter_state_dict(…)) → shortcut.load_adapter_state_dict restores the adapter."""
+    def model(rank, seed):
+        m = toy.EpsMLP(16, 1, 4, emb=8)
+        toy.add_lora(m, "shortcut", rank, rank, seed, toy.linear_names(m))
+        return m
+
+    m = model(4, 0)
     with torch.no_grad():
         for n, p in m.named_parameters():
             if ".shortcut." in n:
                 p.normal_()
-    shortcut.save_adapter(m, "shortcut", tmp_path / "a.safetensors")
-    m2 = T.EpsMLP(16, 1, 4, emb=8)
-    T.add_lora(m2, "shortcut", 4, 1, T.linear_names(m2))
-    shortcut.load_adapter(m2, "shortcut", tmp_path / "a.safetensors")
+    runio.save_tensors(shortcut.adapter_state_dict(m, "shortcut"), tmp_path / "a.safetensors")
+    m2 = model(4, 1)
+    shortcut.load_adapter_state_dict(m2, "shortcut", runio.load_tensors(tmp_path / "a.safetensors"))
     a, b = shortcut.adapter_state_dict(m, "shortcut"), shortcut.adapter_state_dict(m2, "shortcut")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    m3 = T.EpsMLP(16, 1, 4, emb=8)
-    T.add_lora(m3, "shortcut", 8, 0, T.linear_names(m3))
     with pytest.raises(ValueError, match="shape"):
-        shortcut.load_adapter(m3, "shortcut", tmp_path / "a.safetensors")
+        shortcut.load_adapter_state_dict(model(8, 0), "shortcut", runio.load_tensors(tmp_path / "a.safetensors"))
     with pytest.raises(KeyError, match="no LoRA adapter"):
-        shortcut.adapter_state_dict(m3, "tuned")
+        shortcut.adapter_state_dict(m2, "tuned_1")
+
+
+def test_chain_jump_pairs_are_the_papers_jumps():
+    grid = shortft.ddim_timesteps(50)
+    t, s = toy.chain_jump_pairs(300, grid, shortft.PAPER_LORA_POINTS, torch.Generator().manual_seed(0))
+    assert set(zip(t.tolist(), s.tolist())) == {(741, 501), (481, 261), (241, 1)}
+
+
+def test_snap_points_to_other_grids():
+    assert measure_toy.snap_points(shortft.ddim_timesteps(10)) == (801, 501, 301, 1)
+    assert measure_toy.snap_points(shortft.ddim_timesteps(200)) == shortft.PAPER_LORA_POINTS
+    assert measure_toy.snap_points(shortft.ddim_timesteps(20))[-1] == 1
 
 
 def test_distilled_shortcut_meets_trajectory_error_bound(tmp_path):
-    """A small budget (≈10 s): the 4-jump shortcut lands much closer to the 50-step DDIM endpoint than
-    the base's own 4-step DDIM (which is where the zero-initialised shortcut LoRA starts), and within
-    6% of the data radius."""
-    args = T.Args(out=str(tmp_path), hidden=32, depth=1, pretrain_steps=600, pretrain_batch=256,
-                  shortcut_rank=16, distill_steps=1200, distill_pairs=2048, distill_batch=256)
-    toy, _ = T.build_toy(args, progress=False)
-    g = torch.Generator().manual_seed(0)
-    x_T, c = torch.randn(256, 2, generator=g), torch.randint(0, 4, (256,), generator=g)
-    err = T.trajectory_error(toy, x_T, c, args.radius, jumps=(4,))["4"]
+    """A small budget (≈10 s): the 4-jump shortcut lands much closer to the 50-step DDIM endpoint than the base's own
+    4-step DDIM (which is where the zero-initialised shortcut LoRA starts), within 6% of the data radius; and each of
+    the chain's jumps from the base trajectory lands closer than the base's own one DDIM step over the interval."""
+    w = toy.WorldArgs(cache_dir=str(tmp_path), hidden=32, depth=1, pretrain_steps=600, pretrain_batch=256,
+                      shortcut_rank=16, distill_steps=1200, distill_pairs=2048, distill_batch=256)
+    world = toy.build_toy(w, shortft.PAPER_LORA_POINTS)
+    x_T, c = toy.eval_batch(w, 256)
+    err = measure_toy.trajectory_errors(world, x_T, c, w.radius, jumps=(4,))["4"]
     assert err["mean"] < 0.7 * err["ddim_mean"], err
     assert err["mean"] < 0.06, err
+    for jump, e in measure_toy.chain_jump_errors(world, x_T, c, w.radius).items():
+        assert e["mean"] < 0.5 * e["ddim_mean"], (jump, e)

@@ -1,99 +1,238 @@
-"""train_toy.py end to end on tiny budgets through the real script: metrics and figures, exact
-resume, bad input (one-line errors, NaN rewards skipped without touching the LoRA), toy rewards."""
+"""The toy world (toy.py), its training loop (train_toy.py) and main job (bench_toy.py) on tiny budgets: the tuned
+denoiser against a hand sum of LoRA deltas, where each progressive stage's gradient reaches, the real entry points
+end to end, bit-exact resume across a stage boundary, one-line errors, NaN rewards skipped, the toy rewards."""
 
 import json
 import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import bench_toy
 import rewards
 import runio
 import shortft
-import train_toy as T
+import toy
+import train_toy
 
-
-
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(hidden=16, depth=1, pretrain_steps=30, pretrain_batch=64, shortcut_rank=4, distill_steps=10,
-            distill_pairs=128, distill_batch=64, batch=8, budget=2, budget_unit="updates", evals=1, eval_batch=32,
-            grad_samples=4, cosine_steps=[4, 44, 49], chain_lengths=[5, 10])
+            distill_pairs=128, distill_batch=64)
+P = shortft.PAPER_LORA_POINTS
+
+
+def argv(d: dict) -> list[str]:
+    """{'hidden': 16, 'lora_points': [761, 1]} → ['--hidden', '16', '--lora-points', '761', '1']."""
+    out = []
+    for k, v in d.items():
+        out += [f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, (list, tuple)) else [v])]
+    return out
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    toy.build_toy(toy.WorldArgs(cache_dir=str(path), **TINY), P)  # pretrain + distil once for the module
+    return path
 
 
-def test_main_compare_end_to_end(out):
-    metrics = T.main(T.Args(out=str(out), name="cmp", **TINY))
-    run = out / "cmp"
-    saved = json.loads((run / "metrics.json").read_text())
-    assert set(saved["methods"]) == set(shortft.METHODS)
-    for m in shortft.METHODS:
-        v = saved["methods"][m]
-        assert v["updates"] == 2 and math.isfinite(v["reward_after"]) and v["seconds"] > 0
-        assert {"reward_before", "seconds_per_update", "reward_gain_per_second"} <= set(v)
-    assert set(saved["trajectory_error"]) == {"1", "2", "4", "8"}
-    assert saved["grad_cosine"]["draft_k"][str(shortft.ddim_timesteps(50)[4])] is None
-    assert abs(saved["grad_cosine"]["shortft"]["1"]["lora"] - 1) < 1e-6  # last step: no jumps after it
-    assert len(saved["grad_norm"]["full"]) == 2
-    for f in metrics["figures"]:
-        assert (run / f).stat().st_size > 0
-    assert json.loads((run / "args.json").read_text())["budget"] == 2
+def world_args(cache) -> toy.WorldArgs:
+    return toy.WorldArgs(cache_dir=str(cache), **TINY)
 
 
-def test_resume_equals_uninterrupted(out):
-    kw = dict(TINY, compare=False, method="shortft", measure=False, budget=4, evals=2)
-    T.main(T.Args(out=str(out), name="whole", **kw))
-    T.main(T.Args(out=str(out), name="parts", **dict(kw, budget=2, save_every=2)))
-    T.main(T.Args(out=str(out), name="parts", resume=True, **dict(kw, save_every=2)))
-    a, _ = runio.load_checkpoint(runio.latest_checkpoint(out / "whole"), restore_rng=False)
-    b, state = runio.load_checkpoint(runio.latest_checkpoint(out / "parts"), restore_rng=False)
-    assert state["update"] == 4 and set(a) == set(b)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def randomise_loras(world: toy.Toy, seed: int = 0) -> None:
+    """Non-zero B (and A) in every trainable branch, so that every LoRA delta and both gradients are non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in world.tuned_params():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(method="sgd"), "unknown method 'sgd'"),
-    (dict(reward="beauty"), "unknown reward 'beauty'"),
-    (dict(jumps_after=50), "must be in \\[1, 49\\]"),
-    (dict(budget_unit="hours"), "budget-unit"),
-    (dict(resume=True), "single-method"),
+# ----------------------------------------------------------------------------- the denoisers
+
+
+@pytest.mark.parametrize("points, aware", [(P, True), (P, False), (None, True)])
+def test_tuned_denoiser_is_base_plus_the_active_lora_deltas(cache, points, aware):
+    """TUNED at t = the base MLP with W + Σ_{i ∈ active_loras(t)} (α/r) B_i A_i in every Linear (hand sum), with CFG."""
+    world = toy.build_toy(world_args(cache), points, aware, lora_rank=2, lora_alpha=3.0)
+    randomise_loras(world)
+    model, x, c = world.model, torch.randn(5, 2), torch.tensor([0, 1, 2, 3, 0])
+    den = toy.make_denoisers(world, c)
+
+    def hand_eps(t: int, adapters: list[str]) -> torch.Tensor:
+        def linear(name, h):
+            layer = model.get_submodule(name)
+            w = layer.base_layer.weight + sum((layer.scaling[a] * layer.lora_B[a].weight @ layer.lora_A[a].weight
+                                               for a in adapters if a in layer.lora_A), torch.zeros(()))
+            return F.linear(h, w, layer.base_layer.bias)
+
+        def eps(cls):
+            tt = torch.full((5,), t)
+            h = linear("inp", torch.cat([x, toy.timestep_embedding(tt), model.class_emb(cls)], 1))
+            h = h + linear("inp_s", toy.timestep_embedding(tt))
+            for i in range(len(model.hidden)):
+                h = h + linear(f"hidden.{i}", F.silu(h))
+            return linear("out", F.silu(h))
+
+        return shortft.classifier_free_guidance(eps(torch.full_like(c, world.classes)), eps(c), world.guidance)
+
+    with torch.no_grad():
+        for t in (981, 861, 761, 741, 501, 481, 261, 241, 1):
+            want = [world.names[i] for i in shortft.active_loras(t, points, aware)]
+            assert world.active(t) == want
+            torch.testing.assert_close(den[shortft.TUNED](x, t), hand_eps(t, want), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(den[shortft.BASE](x, t), hand_eps(t, []), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(den[shortft.TUNED](x, 501), den[shortft.BASE](x, 501))
+
+
+def test_denoisers_switch_adapters_without_freezing(cache):
+    world = toy.build_toy(world_args(cache), P)
+    den = toy.make_denoisers(world, torch.zeros(3, dtype=torch.long))
+    x = torch.randn(3, 2)
+    randomise_loras(world)
+    e_base, e_tuned = den["base"](x, 501), den["tuned"](x, 501)
+    den["shortcut"](x, 501, 261)
+    assert not torch.allclose(e_base, e_tuned)
+    assert all(p.requires_grad for p in world.tuned_params())
+    assert not any(p.requires_grad for n, p in world.model.named_parameters() if ".shortcut." in n or "lora_" not in n)
+
+
+@pytest.mark.parametrize("aware", [True, False])
+def test_each_stage_reaches_exactly_its_adapters(cache, aware):
+    """With the loop's requires_grad switch, the stage-i chain's gradient reaches every parameter (A and B) of
+    tuned_i … tuned_k and no other adapter, never the shortcut or the base weights."""
+    world = toy.build_toy(world_args(cache), P, aware)
+    randomise_loras(world)
+    x_T, c = torch.randn(16, 2), torch.randint(0, 4, (16,))
+    reward = toy.make_reward("region:1,quality:1", world_args(cache))
+    for stage in range(1, shortft.num_loras(P, aware) + 1):
+        trainable = train_toy.set_trainable(world, stage)
+        chain = shortft.shortft(world.grid, P, stage=stage)
+        loss, _ = shortft.reward_loss(x_T, chain, toy.make_denoisers(world, c), world.schedule, lambda x: reward(x, c))
+        loss.backward()
+        for name, p in world.model.named_parameters():
+            reached = p.grad is not None and bool(p.grad.abs().sum() > 0)
+            owner = next((i for i, a in enumerate(world.names) if f".{a}." in name), None)
+            assert reached == (owner in trainable), (stage, name)
+            p.grad = None
+
+
+# ----------------------------------------------------------------------------- train_toy.py
+
+
+def test_train_toy_entry_point_end_to_end(cache, tmp_path):
+    """`python train_toy.py …` in a subprocess: metrics.jsonl with the shared keys and every stage, the LoRA file."""
+    cmd = [sys.executable, "train_toy.py", *argv(dict(TINY, cache_dir=cache, out_dir=tmp_path, name="run", budget=4,
+                                                       budget_unit="updates", evals=2, eval_batch=16, batch_size=8))]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["stage"] for r in train_rows] == [1, 2, 3, 4] and [r["update"] for r in train_rows] == [1, 2, 3, 4]
+    assert {"update", "stage", "loss", "reward/train", "grad/norm", "update/skipped", "time/update_s",
+            "chain/grad_evals"} <= set(train_rows[0])
+    assert [r["chain/grad_evals"] for r in train_rows] == [7, 5, 3, 1]
+    evals = [r for r in rows if "eval/reward_mean" in r]
+    assert [r["update"] for r in evals] == [0, 2, 4]
+    assert {"eval/reward_std", "eval/base_reward_mean", "eval/quality_mean"} <= set(evals[0])
+    assert evals[0]["eval/reward_mean"] == evals[0]["eval/base_reward_mean"]  # B = 0: the tuned model is the base
+    assert {re.search(r"\.(tuned_\d)\.", k).group(1) for k in runio.load_tensors(run / "lora.safetensors")} == \
+        {"tuned_1", "tuned_2", "tuned_3", "tuned_4"}
+    assert json.loads((run / "args.json").read_text())["lora_points"] == list(P)
+
+
+@pytest.mark.parametrize("method, resume_from", [("shortft", 3), ("shortft", 6), ("alignprop", 3)])
+def test_resume_is_bit_exact_across_stage_boundaries(cache, tmp_path, method, resume_from):
+    """8 updates in 4 stages of 2: resuming from update 3 (mid stage 2) or 6 (a boundary) ends bit-identical."""
+    kw = dict(TINY, cache_dir=str(cache), out_dir=str(tmp_path), method=method, budget=8, budget_unit="updates",
+              evals=2, eval_batch=16, batch_size=8, save_every=3)
+    whole = train_toy.train(train_toy.Args(name="whole", **kw), log=lambda *a: None)
+    part = tmp_path / "part" / "checkpoints"
+    part.mkdir(parents=True)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / f"step_{resume_from:07d}", part / f"step_{resume_from:07d}")
+    resumed = train_toy.train(train_toy.Args(name="part", resume=True, **kw), log=lambda *a: None)
+    a, b = (runio.load_tensors(tmp_path / n / "lora.safetensors") for n in ("whole", "part"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["updates"] == whole["updates"] == 8
+    losses = [[r["loss"] for r in train_toy.read_metrics(tmp_path / n) if "loss" in r] for n in ("whole", "part")]
+    assert losses[1] == losses[0][resume_from:]
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--lora-points", "760", "501", "261", "1"], "not on the 50-step grid"),
+    (["--lora-points", "261", "501", "761", "1"], "strictly decreasing"),
+    (["--stage-fractions", "1", "2"], "4 positive numbers"),
+    (["--method", "sgd"], "unknown method"),
+    (["--reward", "beauty"], "unknown reward 'beauty'"),
+    (["--budget-unit", "hours"], "--budget-unit hours"),
+    (["--num-steps", "20"], "50-step grid"),
 ])
-def test_bad_input_one_line_error(out, kw, msg):
-    with pytest.raises(SystemExit, match=msg) as e:
-        T.main(T.Args(out=str(out), name="bad", **dict(TINY, **kw)))
-    assert "\n" not in str(e.value)
+def test_bad_input_is_one_line_and_exit_2(args, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_toy.main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and msg in err and "\n" not in err and "Traceback" not in err
 
 
-def test_nan_reward_is_a_counted_skip(out):
-    args = T.Args(out=str(out), **dict(TINY, budget=3))
-    toy, _ = T.build_toy(args, progress=False)
-    before = T.tuned_weights(toy)
-    x, c = torch.randn(8, 2), torch.randint(0, 4, (8,))
-
-    def nan_reward(x0, cond):
-        return x0.sum(1) * float("nan")
-
-    state = T.finetune(toy, "shortft", args, nan_reward, (x, c), progress=False)
-    assert state["skipped"] == 3 and state["update"] == 3
-    after = T.tuned_weights(toy)
+def test_nan_reward_is_a_counted_skip(cache, tmp_path, monkeypatch):
+    world = toy.build_toy(world_args(cache), P)
+    before = world.tuned_state()
+    make = toy.make_reward
+    monkeypatch.setattr(toy, "make_reward", lambda spec, w: (lambda x, c: x.sum(1) * float("nan")) if spec == "region"
+                        else make(spec, w))
+    out = train_toy.train(train_toy.Args(**TINY, cache_dir=str(cache), out_dir=str(tmp_path), reward="region", budget=3,
+                                         budget_unit="updates", evals=1, eval_batch=8, batch_size=8), log=lambda *a: None)
+    assert out["skipped"] == 3 and out["updates"] == 3
+    after = runio.load_tensors(Path(out["run_dir"]) / "lora.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_denoisers_switch_adapters_without_freezing(out):
-    args = T.Args(out=str(out), **TINY)
-    toy, _ = T.build_toy(args, progress=False)
-    den = T.make_denoisers(toy, torch.zeros(3, dtype=torch.long))
-    x = torch.randn(3, 2)
-    with torch.no_grad():
-        for p in toy.tuned_params():
-            p.add_(0.1)
-    e_base, e_tuned = den["base"](x, 500), den["tuned"](x, 500)
-    den["shortcut"](x, 500, 200)
-    assert not torch.allclose(e_base, e_tuned)
-    assert all(p.requires_grad for p in toy.tuned_params())
-    assert not any(p.requires_grad for n, p in toy.model.named_parameters() if ".shortcut." in n)
+# ----------------------------------------------------------------------------- bench_toy.py
+
+
+def test_bench_toy_end_to_end(cache, tmp_path):
+    metrics = bench_toy.main(argv(dict(TINY, cache_dir=cache, out_dir=tmp_path, seeds=[0, 1], budget=2,
+                                       budget_unit="updates", evals=1, eval_batch=16, grad_samples=8,
+                                       chain_lengths=[5, 10])))
+    out = tmp_path / "toy"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["summary"]) == set(bench_toy.VARIANTS)
+    for s in saved["summary"].values():
+        assert s["updates"] == [2, 0] and len(s["seeds"]) == 2 and all(math.isfinite(v) for v in s["reward"])
+    assert set(saved["chain_jump_error"]) == {"741->501", "481->261", "241->1"}
+    assert set(saved["trajectory_error"]) == {"1", "2", "4", "8"}
+    fid = next(iter(saved["gradient_fidelity"].values()))
+    assert fid["cosine"]["stage 4"]["tuned_4"] == pytest.approx(1.0, abs=1e-6)  # the same single last step
+    assert all(v == 0 for v in fid["a_share_of_exact"].values())  # B = 0 at init: no gradient into A
+    assert len(saved["gradient_fidelity"]) == 4 and saved["gradient_norm"]["chain_length"] == [5, 10]
+    md = (out / "tables.md").read_text()
+    assert md.count("ShortFT > ") == 4 and "| ShortFT |" in md
+    for f in metrics["figures"]:
+        assert (out / f).stat().st_size > 0
+    assert (out / "shortft-s1" / "lora.safetensors").is_file()
+
+
+def test_bench_toy_bad_variant(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_toy.main(["--variants", "shortft", "sgd"])
+    assert e.value.code == 2 and "sgd" in capsys.readouterr().err
+
+
+def test_orderings_need_the_difference_to_exceed_the_spread():
+    a, b = {"reward": (1.0, 0.1)}, {"reward": (0.5, 0.3)}
+    assert bench_toy.ordering(a, b) == ">" and bench_toy.ordering(b, a) == "<"
+    assert bench_toy.ordering(a, {"reward": (0.7, 0.25)}) == "≈"
+    assert bench_toy.spread([1.0, 2.0, 3.0]) == (2.0, 1.0) and bench_toy.spread([4.0]) == (4.0, 0.0)
+
+
+# ----------------------------------------------------------------------------- toy rewards
 
 
 def test_toy_rewards():
@@ -129,30 +268,3 @@ def test_shift_rewards_closed_form():
     x = torch.cat([torch.zeros(1, 2), 5 * torch.randn(7, 2)]).requires_grad_(True)  # the origin and far points
     rewards.make_reward("mode_shift:1,class_shift:1,quality:1", **kw)(x, torch.arange(8) % 4).sum().backward()
     assert torch.isfinite(x.grad).all()
-
-
-def test_seconds_to_interpolates_the_crossing():
-    curve = [{"seconds": 0.0, "reward/mean": -4.0}, {"seconds": 1.0, "reward/mean": -2.0}, {"seconds": 2.0, "reward/mean": 0.0}]
-    assert T.seconds_to(curve, -1.0) == 2.0
-    assert T.seconds_to(curve, -1.0, interpolate=True) == pytest.approx(1.5)
-    assert T.seconds_to(curve, -5.0, interpolate=True) == 0.0 and T.seconds_to(curve, 1.0, interpolate=True) is None
-    s = T.summarise({"full": {"curve": curve, "seconds": 2.0, "update": 4, "skipped": 0},
-                     "shortft": {"curve": [dict(p, seconds=p["seconds"] / 4) for p in curve], "seconds": 0.5,
-                                 "update": 4, "skipped": 0}})
-    assert s["full"]["target_reward"] == pytest.approx(-0.04)
-    assert s["shortft"]["seconds_to_target"] == pytest.approx(0.25 * (1 + 1.96 / 2))
-    assert s["shortft"]["fraction_of_full_seconds"] == pytest.approx(s["shortft"]["seconds_to_target"] / 2.0)
-
-
-def test_lora_decay_norm_matches_peft(out):
-    args = T.Args(out=str(out), **TINY)
-    toy, _ = T.build_toy(args, progress=False)
-    assert T.lora_delta_norm2(toy).item() == 0.0  # B = 0 at init
-    with torch.no_grad():
-        for p in toy.tuned_params():
-            p.add_(0.1)
-    want = sum(layer.get_delta_weight(a).pow(2).sum() for layer in toy.layers for a in toy.tuned)
-    assert T.lora_delta_norm2(toy).item() == pytest.approx(want.item(), rel=1e-5)
-    state = T.finetune(toy, "draft_k", T.Args(out=str(out), **dict(TINY, lora_decay=1.0)), rewards.make_reward("region"),
-                       (torch.randn(8, 2), torch.zeros(8, dtype=torch.long)), progress=False)
-    assert state["skipped"] == 0

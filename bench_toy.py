@@ -1,0 +1,313 @@
+"""The toy world's main job: the paper's claims and its Tables 1 and 3 in miniature, on CPU.
+
+Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning", ICCV 2025,
+https://arxiv.org/abs/2507.22604 — Sec. 3 (shortcut-based chain, timestep-aware LoRA, progressive training) and the
+comparisons of its Table 1 (ShortFT vs DRaFT-LV and DRTune at equal compute) and Table 3 (without timestep-aware
+LoRA, without progressive training). Steps, each timed (wall-clock and CPU):
+
+    world      base pretraining and shortcut distillation (toy.py; cached under runs/cache/)
+    shortcut   trajectory error of 1/2/4/8 jumps from x_T and of the chain's jumps 741→501, 481→261, 241→1
+    tables     every variant × seed trained by train_toy.train with the same budget of update time
+    gradients  per-branch and per-stage cosine to the exact gradient (at init and after training), gradient norm
+               vs chain length (measure_toy.py)
+
+Writes runs/<name>/: metrics.json, tables.md, figures (*.png) and one run folder per variant and seed.
+
+Notation (code -> paper): variant = a row of the tables; seed = fine-tuning seed (the world is shared);
+mean ± std over seeds (sample std, n − 1).
+
+Run: python bench_toy.py            (≈ 3–4 min on 2 CPU cores from an empty cache)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import measure_toy
+import runio
+import shortft
+import toy
+import train_toy
+
+ARGS = shortft.ChainArgs()
+VARIANTS = {  # name: (row label, train_toy.Args fields that differ from the defaults)
+    "shortft": ("ShortFT", {}),
+    "draft_lv": (f"DRaFT-LV (n = {ARGS.draft_lv_n})", {"method": "draft_lv"}),
+    "drtune": (f"DRTune (K = {ARGS.drtune_k})", {"method": "drtune"}),
+    "full": ("full chain", {"method": "full"}),
+    "draft_k": (f"DRaFT-K (K = {ARGS.draft_k})", {"method": "draft_k"}),
+    "alignprop": (f"AlignProp (K ~ U[{ARGS.alignprop_k_min}, N])", {"method": "alignprop"}),
+    "refl": (f"ReFL (last {ARGS.refl_last})", {"method": "refl"}),
+    "no_timestep_aware": ("without timestep-aware LoRA", {"timestep_aware": False}),
+    "no_progressive": ("without progressive training", {"progressive": False}),
+    "shortft_stage1_long": ("ShortFT, stage shares 7:1:1:1", {"stage_fractions": [7.0, 1.0, 1.0, 1.0]}),
+}
+TABLE1 = ("shortft", "draft_lv", "drtune", "full", "draft_k", "alignprop", "refl")
+TABLE3 = ("shortft", "no_timestep_aware", "no_progressive", "shortft_stage1_long")
+PAPER_ORDERINGS = (("shortft", "draft_lv"), ("shortft", "drtune"), ("shortft", "no_timestep_aware"),
+                   ("shortft", "no_progressive"))
+
+
+@dataclass
+class BenchArgs(toy.WorldArgs):
+    """Measure the toy world and train every variant of the paper's Tables 1 and 3 at equal compute."""
+
+    name: str = "toy"
+    """output folder: <out-dir>/<name>/"""
+    out_dir: str = "runs"
+    """parent of the output folder"""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """fine-tuning seeds of every variant (LoRA init, x_T draws, chain draws)"""
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    """rows to train (names of bench_toy.VARIANTS)"""
+    reward: str = train_toy.Args.reward
+    """training reward of every variant (train_toy.py --reward)"""
+    smooth_reward: str = "region"
+    """a smooth reward on which gradient fidelity is measured as well"""
+    budget: float = 4.0
+    """budget of update time per run (equal compute), in --budget-unit"""
+    budget_unit: str = train_toy.Args.budget_unit
+    """cpu_seconds, seconds or updates (train_toy.py --budget-unit)"""
+    evals: int = 8
+    """held-out evaluations per run (plus one before training)"""
+    eval_batch: int = train_toy.Args.eval_batch
+    """fixed held-out batch of the evaluation"""
+    grad_samples: int = 256
+    """x_T samples of the gradient measurements"""
+    chain_lengths: list[int] = field(default_factory=lambda: [10, 20, 50, 100, 200])
+    """grids of the gradient-norm measurement"""
+    threads: int = 1
+    """torch CPU threads"""
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample std over seeds; 0 for one seed)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def ordering(a: dict, b: dict, key: str = "reward") -> str:
+    """'>' or '<' where |Δmean| exceeds std_a + std_b, else '≈' (no difference beyond the spread)."""
+    (ma, sa), (mb, sb) = a[key], b[key]
+    return ">" if ma - mb > sa + sb else "<" if mb - ma > sa + sb else "≈"
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Mean ± std over seeds of the final held-out reward, ring quality, updates and update time per update, and
+    the mean evaluation curve (reward vs budget spent)."""
+    finals = [r["final"] for r in runs]
+    curve = [spread([r["evals"][i]["eval/reward_mean"] for r in runs]) for i in range(min(len(r["evals"]) for r in runs))]
+    return {"reward": spread([f["eval/reward_mean"] for f in finals]), "quality": spread([f["eval/quality_mean"] for f in finals]),
+            "updates": spread([r["updates"] for r in runs]), "spent_per_update": spread([r["spent_per_update"] for r in runs]),
+            "base_reward": finals[0]["eval/base_reward_mean"], "curve_mean": [m for m, _ in curve], "curve_std": [s for _, s in curve],
+            "curve_spent": [statistics.fmean(r["evals"][i]["time/spent"] for r in runs) for i in range(len(curve))],
+            "seeds": [f["eval/reward_mean"] for f in finals]}
+
+
+def pm(v: tuple[float, float], digits: int = 3) -> str:
+    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
+
+
+def tables_markdown(summary: dict, args: BenchArgs) -> str:
+    """Tables 1 and 3 in miniature and the paper's orderings, as Markdown."""
+    lines = []
+    for title, rows in (("Table 1 (equal compute)", TABLE1), ("Table 3 (ablation)", TABLE3)):
+        rows = [v for v in rows if v in summary]
+        if not rows:
+            continue
+        lines += [f"**{title}**: {len(args.seeds)} seeds, {args.budget:g} {args.budget_unit} of update time each, "
+                  f"reward `{args.reward}`", "",
+                  f"| method | held-out reward ↑ | ring quality ↑ | updates | {args.budget_unit} / update |", "|---|---|---|---|---|"]
+        base = summary[rows[0]]["base_reward"]
+        lines.append(f"| base model | {base:.3f} | – | – | – |")
+        for v in rows:
+            s = summary[v]
+            lines.append(f"| {VARIANTS[v][0]} | {pm(s['reward'])} | {pm(s['quality'], 2)} | {pm(s['updates'], 0)} | "
+                         f"{pm(s['spent_per_update'], 4)} |")
+        lines.append("")
+    lines += ["**The paper's orderings** (held-out reward; '>' only where |Δmean| > std_a + std_b):", ""]
+    for a, b in PAPER_ORDERINGS:
+        if a in summary and b in summary:
+            got = ordering(summary[a], summary[b])
+            verdict = {">": "holds", "<": "reversed", "≈": "not shown (no difference beyond the spread)"}[got]
+            lines.append(f"- {VARIANTS[a][0]} > {VARIANTS[b][0]}: {verdict} "
+                         f"({pm(summary[a]['reward'])} {got} {pm(summary[b]['reward'])})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, metrics: dict, world: toy.Toy, samples: dict, args: BenchArgs) -> list[str]:
+    """The figures: reward vs update time (mean ± std over seeds, ShortFT's stage boundaries), shortcut paths,
+    gradient cosine per branch and stage, gradient norm vs chain length, samples before and after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        files.append(name)
+
+    summary = metrics["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, rows, title in zip(axes, (TABLE1, TABLE3), ("Table 1 methods", "Table 3 ablations")):
+        for v in (r for r in rows if r in summary):
+            s = summary[v]
+            mean, std = torch.tensor(s["curve_mean"]), torch.tensor(s["curve_std"])
+            ax.plot(s["curve_spent"], mean, "o-", ms=3, lw=2.4 if v == "shortft" else 1.2, label=VARIANTS[v][0])
+            ax.fill_between(s["curve_spent"], mean - std, mean + std, alpha=0.2)
+        k = len(shortft.PAPER_LORA_POINTS)
+        for i in range(1, k):  # ShortFT's stage boundaries (equal shares of the budget)
+            ax.axvline(args.budget * i / k, c="gray", ls=":", lw=1)
+        ax.set(xlabel=f"update time spent ({args.budget_unit}); dotted: ShortFT's stage boundaries", title=title)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out reward (50-step sampler)")
+    save(fig, "reward_vs_time.png")
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.6))
+    x_T, c = toy.eval_batch(args, 12)
+    path, den = measure_toy.base_trajectory(world, x_T, c), toy.make_denoisers(world, c)
+    traj = torch.stack([path[t] for t in world.grid] + [path[shortft.CLEAN]])  # (51, 12, 2)
+    ax.plot(traj[:, :, 0], traj[:, :, 1], "-", c="gray", lw=0.8)
+    for seg in shortft.shortft(world.grid, world.points).trunk:
+        if seg.model == shortft.SHORTCUT:  # each jump from the base trajectory's state at its start
+            with torch.no_grad():
+                end = shortft.apply_segment(path[seg.t], seg, den, world.schedule)
+            ax.plot(torch.stack([path[seg.t][:, 0], end[:, 0]]), torch.stack([path[seg.t][:, 1], end[:, 1]]), "--", c="C3", lw=1)
+            ax.plot(*end.T, "o", c="C3", ms=3)
+    ax.plot(*path[shortft.CLEAN].T, "k*", ms=6)
+    ax.set(title="base, 50 steps (gray); the chain's shortcut jumps (red)", aspect="equal")
+    ax.title.set_fontsize(9)
+    save(fig, "shortcut_jumps.png")
+
+    fid = metrics["gradient_fidelity"]
+    fig, axes = plt.subplots(2, (len(fid) + 1) // 2, figsize=(9, 6.4), squeeze=False, sharey=True)
+    for ax, (label, f) in zip(axes.flat, fid.items()):
+        rows = f["cosine"]
+        for name in world.names:
+            ax.plot(range(len(rows)), [r.get(name, float("nan")) for r in rows.values()], "o-", label=name)
+        ax.set_xticks(range(len(rows)), [r.replace("stage ", "s").replace(", segment1_grad_steps ", "/") for r in rows])
+        ax.set(ylim=(-0.1, 1.05), title=label, ylabel="cos to the exact gradient",
+               xlabel="stage (s1/n: gradient through n steps of segment 1)")
+        ax.title.set_fontsize(9)
+    axes.flat[0].legend(fontsize=7)
+    save(fig, "grad_cosine.png")
+
+    gn = metrics["gradient_norm"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for key, label in (("full", "complete chain, one LoRA"), ("exact", "complete chain, ShortFT's LoRAs"),
+                       ("shortft", "ShortFT stage 1")):
+        ax.plot(gn["chain_length"], gn[key], "o-", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="DDIM steps N", ylabel="‖∇_LoRA L‖", title="gradient norm vs chain length")
+    ax.legend(fontsize=8)
+    save(fig, "grad_norm_vs_chain_length.png")
+
+    cols = (len(samples) + 1) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(2.2 * cols, 4.6), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (v, (before, after)) in zip(axes.flat, samples.items()):
+        ax.scatter(*before.T, s=2, alpha=0.3, c="gray")
+        ax.scatter(*after.T, s=2, alpha=0.5, c="C3")
+        if "region" in args.reward:  # the region reward's disc
+            ax.add_patch(plt.Circle((0.0, 2.0), 0.3, fill=False, color="k", lw=0.8))
+        ax.set(xlim=(-3.2, 3.2), ylim=(-3.2, 3.2), aspect="equal")
+        ax.set_title(VARIANTS[v][0], fontsize=7)
+    save(fig, "samples_before_after.png")
+    return files
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = runio.parse_args(BenchArgs, argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.seeds:
+        print(f"bench_toy.py: error: unknown variant(s) {unknown} or no seeds; variants: {', '.join(VARIANTS)}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out_dir) / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    parts, load = {}, {"start": os.getloadavg()}
+
+    def timed(part, fn, *a, **kw):
+        w0, c0 = time.perf_counter(), time.process_time()
+        result = fn(*a, **kw)
+        parts[part] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
+        print(f"[{part}] {parts[part]['wall_s']:.1f} s wall, {parts[part]['cpu_s']:.1f} s CPU", flush=True)
+        return result
+
+    world = timed("world", toy.build_toy, args, shortft.PAPER_LORA_POINTS)
+    x_eval, c_eval = toy.eval_batch(args, args.eval_batch)
+    metrics = {"args": dataclasses.asdict(args)}
+    metrics["trajectory_error"] = timed("shortcut", measure_toy.trajectory_errors, world, x_eval, c_eval, args.radius)
+    metrics["chain_jump_error"] = measure_toy.chain_jump_errors(world, x_eval, c_eval, args.radius)
+
+    def train_all() -> dict:
+        runs = {}
+        for v in args.variants:
+            for seed in args.seeds:
+                run = train_toy.Args(**dataclasses.asdict(toy.world_args(args)), name=f"{v}-s{seed}", out_dir=str(out),
+                                     seed=seed, reward=args.reward, budget=args.budget, budget_unit=args.budget_unit,
+                                     evals=args.evals, eval_batch=args.eval_batch, threads=args.threads, **VARIANTS[v][1])
+                train_toy.check_args(run)
+                runs.setdefault(v, []).append(train_toy.train(run, log=lambda *a: None))
+                f = runs[v][-1]["final"]
+                print(f"  {v:>18} seed {seed}: reward {f['eval/reward_mean']:.3f}, {runs[v][-1]['updates']} updates", flush=True)
+        return runs
+
+    runs = timed("tables", train_all)
+    metrics["summary"] = {v: summarise(r) for v, r in runs.items()}
+
+    def gradients() -> tuple[dict, dict]:
+        g = torch.Generator().manual_seed(args.world_seed + 5)
+        x_T, cond = torch.randn(args.grad_samples, 2, generator=g), torch.randint(0, args.classes, (args.grad_samples,), generator=g)
+        fid, specs = {}, dict.fromkeys([args.reward, args.smooth_reward])
+        trained = toy.build_toy(args, shortft.PAPER_LORA_POINTS)
+        lora = out / f"shortft-s{args.seeds[0]}" / "lora.safetensors"
+        if lora.is_file():  # ShortFT's LoRAs after training (every B ≠ 0)
+            trained.load_tuned_state(runio.load_tensors(lora))
+        for label, w in (("init", world), ("after training", trained))[: 1 + lora.is_file()]:
+            for spec in specs:
+                fid[f"{spec}, LoRA {label}"] = measure_toy.gradient_fidelity(w, x_T, cond, toy.make_reward(spec, args))
+        return fid, measure_toy.gradient_norms(world, x_T[:64], cond[:64], toy.make_reward(args.reward, args), args.chain_lengths)
+
+    metrics["gradient_fidelity"], metrics["gradient_norm"] = timed("gradients", gradients)
+
+    samples = {}
+    for v in runs:
+        points, aware = shortft.layout(train_toy.Args(**VARIANTS[v][1]))
+        w = toy.build_toy(args, points, aware)
+        before = toy.sample(w, x_eval, c_eval, shortft.BASE)
+        w.load_tuned_state(runio.load_tensors(out / f"{v}-s{args.seeds[0]}" / "lora.safetensors"))
+        samples[v] = (before, toy.sample(w, x_eval, c_eval))
+    metrics["figures"] = timed("figures", plot, out, metrics, world, samples, args)
+    load["end"] = os.getloadavg()
+    metrics["time"] = {"parts": parts, "load_average_1_5_15min": load, "cpu_count": os.cpu_count()}
+    md = tables_markdown(metrics["summary"], args)
+    (out / "tables.md").write_text(md)
+    runio.write_json(metrics, out / "metrics.json")
+    print("\n" + md)
+    te, cj = metrics["trajectory_error"], metrics["chain_jump_error"]
+    print("shortcut error / R from x_T: " + ", ".join(f"M={m}: {v['mean']:.4f} (DDIM {v['ddim_mean']:.4f})" for m, v in te.items()))
+    print("chain jumps / R: " + ", ".join(f"{j}: {v['mean']:.4f} (one DDIM step {v['ddim_mean']:.4f})" for j, v in cj.items()))
+    for label, f in metrics["gradient_fidelity"].items():
+        print(f"cosine to the exact gradient, {label}:")
+        for row, cos in f["cosine"].items():
+            print(f"  {row:>34}: " + ", ".join(f"{n} {c:.3f}" for n, c in cos.items()))
+    print(f"total {sum(p['wall_s'] for p in parts.values()):.0f} s wall, {sum(p['cpu_s'] for p in parts.values()):.0f} s CPU; "
+          f"load average {load['start'][0]:.1f} → {load['end'][0]:.1f} on {os.cpu_count()} cores; {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
