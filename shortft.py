@@ -617,10 +617,11 @@ def layout(args: ChainArgs) -> tuple[tuple[int, ...] | None, bool]:
 
 
 def stage_of(args: ChainArgs, progress: float) -> int:
-    """The stage at `progress` ∈ [0, 1] of the budget: stage_at(…) with progressive training, else 1."""
-    points, aware = layout(args)
-    n = num_loras(points, aware)
-    return stage_at(progress, len(points), args.stage_fractions) if points and args.progressive and n > 1 else 1
+    """The stage at `progress` ∈ [0, 1] of the budget: stage_at(…) for ShortFT with progressive training, else 1.
+    Without timestep-aware LoRA the stages still change the chain (original prefix down to p_i); only the one shared
+    LoRA is trained in all of them, so each Table 3 ablation changes exactly one thing."""
+    points, _ = layout(args)
+    return stage_at(progress, len(points), args.stage_fractions) if points and args.progressive else 1
 
 
 def chain_switches(args: ChainArgs, stage: int = 1) -> dict:

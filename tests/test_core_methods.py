@@ -304,6 +304,7 @@ def test_stage_schedule():
     import dataclasses
     assert shortft.stage_of(dataclasses.replace(args, progressive=False), 0.9) == 1
     assert shortft.stage_of(dataclasses.replace(args, method="full"), 0.9) == 1
+    assert shortft.stage_of(dataclasses.replace(args, timestep_aware=False), 0.9) == 4  # one LoRA, chain still staged
     with pytest.raises(ValueError, match="stage 5 is out of range"):
         shortft.trainable_loras(5, shortft.PAPER_LORA_POINTS)
     with pytest.raises(ValueError, match="4 positive numbers"):
