@@ -15,7 +15,7 @@ Notation (code -> paper):
     cond, uncond      CLIP text embeddings (B, 77, D) of the prompts and (1, 77, D) of ""
     latents           x_t (B, 4, H/8, W/8); images (B, 3, H, W) in [0, 1]
 
-Run: python -c "import sd, tiny; c = tiny.sd_components(); print(sd.add_tuned_loras(c['unet'], 4, rank=4))"
+Run: python -c "import sd; help(sd.prepare_pipeline)"        (the script that uses it all: python train_sd.py --tiny)
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def load_components(model: str, device="cpu", dtype=torch.float32) -> dict:
 def ddim_grid(scheduler, num_steps: int = 50) -> list[int]:
     """The scheduler's N-step DDIM grid with "leading" spacing (SD1.5's sampler: 981, 961, …, 1 for N = 50)."""
     cfg = scheduler.config
-    return shortft.ddim_timesteps(num_steps, cfg.get("num_train_timesteps", 1000), "leading", cfg.get("steps_offset", 1))
+    return shortft.ddim_timesteps(num_steps, cfg.get("num_train_timesteps", 1000), "leading",
+                                  cfg.get("steps_offset", 1))
 
 
 def latent_side(vae, resolution: int) -> int:
@@ -111,8 +112,8 @@ def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder, cache: dict)
 # ----------------------------------------------------------------------------- LoRA branches (peft)
 
 
-def add_tuned_loras(unet, n: int, rank: int = 128, alpha: float = 128.0, targets: Sequence[str] = LORA_TARGETS,
-                    ) -> list[str]:
+def add_tuned_loras(unet, n: int, rank: int = 128, alpha: float = 128.0,
+                    targets: Sequence[str] = LORA_TARGETS) -> list[str]:
     """Add the trainable branches tuned_1 … tuned_n (paper: LoRA_1 … LoRA_k) with peft, B = 0 at init so the model
     starts as the base; their weights are float32 whatever the UNet's dtype. Every parameter of the UNet is left
     frozen: choose what trains with `set_trainable`. Returns the adapter names."""
@@ -140,8 +141,9 @@ def lora_parameters(unet, names: Sequence[str]) -> list[torch.nn.Parameter]:
 
 def set_trainable(unet, names: Sequence[str]) -> list[torch.nn.Parameter]:
     """requires_grad on exactly the parameters of adapters `names`, off on every other adapter (the shortcut too)
-    and on the base weights. Call it after every peft/diffusers call that may have flipped the flags (SD_NOTES
-    trap 1) and at each progressive-training stage. Returns the trainable parameters."""
+    and on the base weights. Call it after every peft/diffusers call that may have flipped the flags (peft's
+    set_adapter and diffusers' LoRA loading do) and at each progressive-training stage. Returns the trainable
+    parameters."""
     for p in unet.parameters():
         p.requires_grad_(False)
     params = lora_parameters(unet, names)
@@ -169,8 +171,8 @@ def make_denoisers(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: flo
                   points is None, as for every baseline; none: the base), CFG w
         SHORTCUT  the shortcut adapter alone, CFG only if shortcut_guidance > 1 (Hyper-SD: none)
 
-    Each sets its adapters inside the call (so checkpoint recomputation sees the same model: SD_NOTES trap 3)
-    without touching requires_grad (trap 1). w ≤ 1 is one conditional UNet call; otherwise the batch [∅, c]
+    Each sets its adapters inside the call (so that checkpoint recomputation sees the same model) without touching
+    requires_grad (peft's set_adapter would freeze the trained branches). w ≤ 1 is one conditional UNet call; otherwise the batch [∅, c]
     goes through the UNet in one call.  cond (B, 77, D), uncond (1, 77, D); x_t (B, 4, h, w)."""
     layers = shortcut.lora_layers(unet) if layers is None else layers
     names = shortft.lora_names(shortft.num_loras(points, timestep_aware))

@@ -3,8 +3,8 @@
 Paper Sec. 3: the shortcut (frozen few-step LoRA) and the trained LoRA branches live on the same
 denoiser; the chain switches between the stacked branches (tuned_1, tuned_1 + tuned_2, …) at the LoRA
 points and the shortcut alone in the jumps between them. The switch must not touch requires_grad
-(peft's own set_adapter does: SD_NOTES trap 1) and must happen inside checkpointed functions so the
-recomputation in backward sees the same adapters (trap 3).
+(peft's own set_adapter does) and must happen inside checkpointed functions so the
+recomputation in backward sees the same adapters.
 
 Closed form checked here, per LoRA-wrapped Linear (dropout 0):
     y = W x + b + Σ_{a active} (α_a / r_a) · B_a A_a x
