@@ -173,11 +173,12 @@ def time_updates(args: Args, method: str, stage: int, batch: int, c, fwd, reward
 
 
 def schedule_average(rows: list[dict], args: Args) -> dict:
-    """ShortFT's cost per update averaged over a run of its stage schedule: Σ_i (share of updates in stage i) × row_i."""
+    """ShortFT's cost per update averaged over a run of its stage schedule: Σ_i (share of updates in stage i) row_i."""
     k = len(rows)
     shares = [f / sum(args.stage_fractions) for f in args.stage_fractions] if k > 1 and args.stage_fractions \
         else [1 / k] * k
-    avg = {key: sum(s * r[key] for s, r in zip(shares, rows)) for key in ("s_per_update", "grad_evals", "no_grad_evals")}
+    keys = ("s_per_update", "grad_evals", "no_grad_evals")
+    avg = {key: sum(s * r[key] for s, r in zip(shares, rows)) for key in keys}
     peaks = [r["peak_gib"] for r in rows]
     return {"method": "shortft", "stage": "avg", "batch": rows[0]["batch"], **avg,
             "min_s": min(r["min_s"] for r in rows), "peak_gib": max(peaks) if None not in peaks else None}

@@ -270,8 +270,8 @@ def main(args: Args) -> dict:
     def save():
         tmp = Path(tempfile.mkdtemp(prefix=".lora.", dir=run_dir))
         sd.save_lora(unet, tmp / "lora", **lora_kw)  # the checkpoint folder is a LoRA folder too
-        runio.save_checkpoint(run_dir, step, sd.lora_weights(unet, names),
-                              optimizer.optimizer, {"skipped": skipped, "stage": stage, "args": dataclasses.asdict(args)},
+        state = {"skipped": skipped, "stage": stage, "args": dataclasses.asdict(args)}
+        runio.save_checkpoint(run_dir, step, sd.lora_weights(unet, names), optimizer.optimizer, state,
                               {f.name: f for f in (tmp / "lora").iterdir()})
         shutil.rmtree(tmp)
         sd.save_lora(unet, run_dir / "lora", **lora_kw)

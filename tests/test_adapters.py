@@ -138,7 +138,7 @@ def test_switch_inside_checkpoint_gives_the_same_gradients():
     assert all(p.grad is None for p in lora_params(model, "shortcut"))
 
     # negative control: switching *outside* the checkpointed calls recomputes them with the wrong
-    # adapters: the gradients are wrong, or torch refuses the mismatching recomputation (trap 3)
+    # adapters: the gradients are wrong, or torch refuses the mismatching recomputation
     def outside(v):
         ck = lambda f, u: torch.utils.checkpoint.checkpoint(f, u, use_reentrant=False)  # noqa: E731
         shortcut.set_active_adapters(model, ["tuned_1"])

@@ -27,7 +27,8 @@ def test_bench_tiny_cpu_every_method_and_stage(tmp_path):
     by = {(r["method"], r["stage"]): r for r in rows}
     for stage in (1, 2, 3, 4):  # each stage's own chain was timed
         cost = shortft.chain_cost(shortft.shortft(GRID, POINTS, stage))
-        assert (by["shortft", stage]["grad_evals"], by["shortft", stage]["no_grad_evals"]) == (cost["grad"], cost["no_grad"])
+        row = by["shortft", stage]
+        assert (row["grad_evals"], row["no_grad_evals"]) == (cost["grad"], cost["no_grad"])
     avg = by["shortft", "avg"]
     assert avg["ratio_to_shortft"] == 1.0
     assert avg["s_per_update"] == pytest.approx(sum(by["shortft", s]["s_per_update"] for s in (1, 2, 3, 4)) / 4)

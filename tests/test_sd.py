@@ -131,7 +131,8 @@ def test_lora_branches_sit_on_attention_and_feed_forward():
     assert wrapped == targets and any("ff.net.2" in n for n in wrapped) and any("attn2.to_k" in n for n in wrapped)
     params = sd.lora_parameters(unet, names)
     assert params and all(p.dtype == torch.float32 and not p.requires_grad for p in unet.parameters())
-    assert [id(p) for p in sd.set_trainable(unet, ["tuned_2"])] == [id(p) for p in sd.lora_parameters(unet, ["tuned_2"])]
+    trainable = sd.set_trainable(unet, ["tuned_2"])
+    assert [id(p) for p in trainable] == [id(p) for p in sd.lora_parameters(unet, ["tuned_2"])]
     assert sum(p.requires_grad for p in unet.parameters()) == len(params) // 4
 
 
@@ -234,8 +235,8 @@ def test_denoisers_activate_exactly_the_stacked_branches(tiny_dir):
 
 @pytest.mark.parametrize("stage", [1, 2, 3, 4])
 def test_stage_gradient_reaches_exactly_its_branches(tiny_dir, stage):
-    """Progressive stage i: every matrix of tuned_i … tuned_k gets a non-zero gradient; tuned_1 … tuned_{i−1} (which
-    do act in the stage's chain), the shortcut LoRA and the base weights get none."""
+    """Progressive stage i: every matrix of tuned_i … tuned_k gets a non-zero gradient; tuned_1 … tuned_{i−1}
+    (which do act in the stage's chain), the shortcut LoRA and the base weights get none."""
     c, names = components(tiny_dir)
     trained = sd.set_trainable(c["unet"], sd.stage_adapters(stage, POINTS))
     chain_loss(c, shortft.shortft(GRID, POINTS, stage)).backward()
@@ -357,7 +358,8 @@ def test_resume_is_exact_across_a_stage_boundary(tiny_dir, tmp_path):
     (dict(shortcut="nope"), ValueError, "unknown shortcut 'nope'"),
     (dict(shortcut="missing/shortcut.safetensors"), FileNotFoundError, "does not exist"),
     (dict(train_prompts="EMPTY"), ValueError, "has no prompts"),
-    (dict(tiny=False, model="/no/such/model", reward="clipscore", method="draft_k"), FileNotFoundError, "does not exist"),
+    (dict(tiny=False, model="/no/such/model", reward="clipscore", method="draft_k"), FileNotFoundError,
+     "does not exist"),
     (dict(lora_points=[701, 450, 1]), ValueError, r"LoRA point\(s\) \[450\] are not on the 10-step grid"),
     (dict(lora_points=[701, 401]), ValueError, "must be the grid's last step 1"),
     (dict(stage_fractions=[0.5, 0.5]), ValueError, "must be 4 positive numbers"),
