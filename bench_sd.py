@@ -1,15 +1,17 @@
-"""Cost of one reward-backpropagation update for ShortFT and every baseline at Stable Diffusion 1.5 size.
+"""Cost of one reward-backpropagation update for ShortFT (per progressive stage) and every baseline at SD1.5 size.
 
-Guo et al., ICCV 2025, https://arxiv.org/abs/2507.22604 — the efficiency claim of Sec. 3/4: a shortcut-based
-chain of a few evaluations costs a fraction of backpropagating through the complete 50-step chain.
+Guo et al., ICCV 2025, https://arxiv.org/abs/2507.22604 — the efficiency claim of Sec. 3: a shortcut-based chain of
+a few evaluations with gradient costs a fraction of backpropagating through the complete 50-step chain.
 
-What is timed (one optimizer update, all in one run so the ratios compare like with like): x_T → the
-method's chain (`shortft.make_chain` over the 50-step DDIM grid, CFG 7.5 as one batched UNet call per
-tuned step, the Hyper-SD-style shortcut without CFG) → VAE decode (checkpointed) → a CLIP ViT-L/14-sized
-aesthetic reward → backward into the trainable LoRA → guarded AdamW step. Weights are random: the cost of
-an update does not depend on their values. Peak memory is CUDA's max_memory_allocated over the update.
+What is timed (one optimizer update, all in one run so the ratios compare like with like): x_T → the method's chain
+(`shortft.make_chain` over the 50-step DDIM grid with `shortft.chain_switches`, CFG 7.5 as one batched UNet call per
+base/tuned step, the Hyper-SD-style shortcut without CFG) → VAE decode (checkpointed) → a CLIP ViT-L/14-sized
+aesthetic reward → backward into the LoRA branches the stage trains → guarded AdamW step. ShortFT is timed in each
+stage 1 … k (its chain changes with the stage) and averaged over the default stage schedule (each stage's share of
+the updates, `--stage-fractions`). Weights are random: the cost of an update does not depend on their values. Peak
+memory is CUDA's max_memory_allocated over the update.
 
-Notation: B batch size; ×ShortFT = seconds per update ÷ ShortFT's at the same B.
+Notation: B batch size; ×ShortFT = seconds per update ÷ ShortFT's stage-schedule average at the same B.
 
 Run: python bench_sd.py --tiny --device cpu          (smoke test; the real table: python bench_sd.py on a GPU)
 """
@@ -26,40 +28,39 @@ import torch
 
 import rewards
 import runio
+import sd
 import shortcut
 import shortft
 import tiny
-import train_sd
 
 
 @dataclass
-class Args:
-    """Time one training update of every method at SD1.5 size (random weights)."""
+class Args(shortft.ChainArgs):
+    """Time one training update of every method at SD1.5 size (random weights). The chain switches are train_sd.py's
+    (--lora-points, --draft-k, …); --methods says what to time (--method is not used)."""
 
     tiny: bool = False
     """tiny components instead of the full SD1.5 architecture (CPU smoke test)"""
     device: str = "cuda"
     """cuda or cpu"""
-    methods: list = field(default_factory=lambda: list(shortft.METHODS))
+    methods: list[str] = field(default_factory=lambda: list(shortft.METHODS))
     """methods to time (shortft is always included: the ratios are to it)"""
-    batch_sizes: list = field(default_factory=lambda: [1, 4])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
     """batch sizes B"""
     mixed_precision: str = "bf16"
     """bf16 | fp16 | no: dtype of the frozen weights and of autocast"""
     resolution: int = 512
     """image side (tiny: 32)"""
-    num_steps: int = 50
-    """DDIM steps of the chain"""
     guidance: float = 7.5
-    """CFG scale of the tuned model"""
-    lora_rank: int = 8
-    """rank of the trainable LoRA"""
+    """CFG scale of the base and tuned model"""
+    lora_rank: int = 128
+    """rank of each LoRA branch (attention + feed-forward, as train_sd.py)"""
     shortcut_rank: int = 64
     """rank of the stand-in shortcut LoRA (Hyper-SD15 LoRAs are ~269 MB: rank 64 on the UNet)"""
     warmup: int = 1
-    """untimed updates per method and batch size"""
+    """untimed updates per row"""
     repeats: int = 3
-    """timed updates (mean reported)"""
+    """timed updates per row (mean reported)"""
     compile: bool = False
     """torch.compile the UNet"""
     channels_last: bool = True
@@ -96,7 +97,8 @@ def aesthetic_reward(tiny_size: bool, device, dtype):
 
 
 def build(args: Args):
-    """Random SD components on the device with a frozen shortcut adapter and the trainable LoRA."""
+    """Random SD components on the device with a frozen stand-in shortcut adapter and ShortFT's k LoRA branches
+    (the baselines use tuned_1). Returns (components, UNet to call, reward, dtype)."""
     from peft import LoraConfig
 
     device = torch.device(args.device)
@@ -107,31 +109,34 @@ def build(args: Args):
     unet = c["unet"]
     unet.add_adapter(LoraConfig(r=args.shortcut_rank, lora_alpha=args.shortcut_rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
-                                                "ff.net.0.proj", "ff.net.2"]), adapter_name="shortcut")
-    names, _ = train_sd.add_trainable_lora(unet, args.lora_rank, args.lora_rank)
-    params = train_sd.trainable_parameters(unet, names)
+                                                "ff.net.0.proj", "ff.net.2"]), adapter_name=sd.SHORTCUT_ADAPTER)
+    points, aware = shortft.layout(dataclasses.replace(args, method="shortft"))
+    sd.add_tuned_loras(unet, shortft.num_loras(points, aware), args.lora_rank, args.lora_rank)
     if args.channels_last and device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
         c["vae"].to(memory_format=torch.channels_last)
     fwd = torch.compile(unet) if args.compile else unet
-    return c, fwd, names, params, aesthetic_reward(args.tiny, device, dtype), dtype
+    return c, fwd, aesthetic_reward(args.tiny, device, dtype), dtype
 
 
-def time_updates(args: Args, method: str, batch: int, c, fwd, names, params, reward, dtype) -> dict:
-    """Mean seconds per update and peak memory (GiB, CUDA) of `method` at batch size `batch`."""
+def time_updates(args: Args, method: str, stage: int, batch: int, c, fwd, reward, dtype) -> dict:
+    """Mean seconds per update and peak memory (GiB, CUDA) of `method` in progressive stage `stage` at batch size
+    `batch`; the LoRA branches are restored afterwards."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    margs = dataclasses.replace(args, method=method)
+    points, aware = shortft.layout(margs)
+    switches = shortft.chain_switches(margs, stage)
     schedule = shortft.schedule_from_diffusers(c["scheduler"].config)
-    grid = shortft.ddim_timesteps(args.num_steps)
-    switches = train_sd.chain_switches(dataclasses.replace(train_sd.Args(), method=method,
-                                                           refl_last=min(10, args.num_steps)))
+    grid = sd.ddim_grid(c["scheduler"], args.num_steps)
     cache: dict = {}
     prompts = ["a photo of a cat"] * batch
-    cond = train_sd.encode_prompts(prompts, c["tokenizer"], c["text_encoder"], cache)
-    uncond = train_sd.encode_prompts([""], c["tokenizer"], c["text_encoder"], cache)
-    layers = shortcut.lora_layers(c["unet"])
-    den = train_sd.make_denoisers(fwd, cond, uncond, args.guidance, names, (), "shortcut", 0.0, layers)
-    side = args.resolution // (2 ** (len(c["vae"].config.block_out_channels) - 1))
+    cond = sd.encode_prompts(prompts, c["tokenizer"], c["text_encoder"], cache)
+    uncond = sd.encode_prompts([""], c["tokenizer"], c["text_encoder"], cache)
+    den = sd.make_denoisers(fwd, cond, uncond, args.guidance, points, aware, 0.0, shortcut.lora_layers(c["unet"]))
+    side = sd.latent_side(c["vae"], args.resolution)
+    params = sd.set_trainable(c["unet"], sd.stage_adapters(stage, points, aware))
+    snapshot = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     rng = random.Random(args.seed)
 
@@ -140,7 +145,7 @@ def time_updates(args: Args, method: str, batch: int, c, fwd, names, params, rew
         x_T = torch.randn(batch, 4, side, side, device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss, _ = shortft.reward_loss(x_T, chain, den, schedule,
-                                          lambda z: reward(train_sd.decode(c["vae"], z, checkpoint=True), prompts))
+                                          lambda z: reward(sd.decode(c["vae"], z, checkpoint=True), prompts))
         loss.backward()
         shortft.guarded_step(optimizer, params, 1.0)
         return shortft.chain_cost(chain)
@@ -157,29 +162,47 @@ def time_updates(args: Args, method: str, batch: int, c, fwd, names, params, rew
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"method": method, "batch": batch, "s_per_update": sum(times) / len(times), "min_s": min(times),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    with torch.no_grad():
+        for p, s in zip(params, snapshot):
+            p.copy_(s)
+    sd.set_trainable(c["unet"], [])
+    return {"method": method, "stage": stage, "batch": batch, "s_per_update": sum(times) / len(times),
+            "min_s": min(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "grad_evals": sum(c["grad"] for c in costs) / len(costs),
             "no_grad_evals": sum(c["no_grad"] for c in costs) / len(costs)}
 
 
+def schedule_average(rows: list[dict], args: Args) -> dict:
+    """ShortFT's cost per update averaged over a run of its stage schedule: Σ_i (share of updates in stage i) row_i."""
+    k = len(rows)
+    shares = [f / sum(args.stage_fractions) for f in args.stage_fractions] if k > 1 and args.stage_fractions \
+        else [1 / k] * k
+    keys = ("s_per_update", "grad_evals", "no_grad_evals")
+    avg = {key: sum(s * r[key] for s, r in zip(shares, rows)) for key in keys}
+    peaks = [r["peak_gib"] for r in rows]
+    return {"method": "shortft", "stage": "avg", "batch": rows[0]["batch"], **avg,
+            "min_s": min(r["min_s"] for r in rows), "peak_gib": max(peaks) if None not in peaks else None}
+
+
 def markdown(rows: list[dict], args: Args, device_name: str) -> str:
     lines = [f"Device: {device_name}; {args.mixed_precision}, {args.resolution}², CFG {args.guidance}, "
-             f"{args.num_steps}-step DDIM grid, VAE decode + CLIP-L aesthetic reward + backward.", "",
-             "| method | B | s / update | ×ShortFT | peak GiB | grad evals | no-grad evals |",
-             "|---|---|---|---|---|---|---|"]
+             f"{args.num_steps}-step DDIM grid, LoRA rank {args.lora_rank} (attention + FF), VAE decode + CLIP-L "
+             f"aesthetic reward + backward.", "",
+             "| method | stage | B | s / update | ×ShortFT | peak GiB | grad evals | no-grad evals |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['batch']} | {r['error']} | | | | |")
+            lines.append(f"| {r['method']} | {r['stage']} | {r['batch']} | {r['error']} | | | | |")
             continue
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        ratio = f"{r['ratio_to_shortft']:.1f}×" if r.get("ratio_to_shortft") else "-"
-        lines.append(f"| {r['method']} | {r['batch']} | {r['s_per_update']:.3f} | {ratio} | {peak} | "
+        ratio = f"{r['ratio_to_shortft']:.2f}×" if r.get("ratio_to_shortft") else "-"
+        lines.append(f"| {r['method']} | {r['stage']} | {r['batch']} | {r['s_per_update']:.3f} | {ratio} | {peak} | "
                      f"{r['grad_evals']:.1f} | {r['no_grad_evals']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(args: Args) -> list[dict]:
+    torch.set_flush_denormal(True)  # random tiny models make denormal floats, 10-100x slower on x86 CPUs
     if args.tiny and args.resolution == Args.resolution:
         args = dataclasses.replace(args, resolution=32)
     if args.device == "cpu" and args.mixed_precision == Args.mixed_precision:
@@ -187,28 +210,40 @@ def main(args: Args) -> list[dict]:
     unknown = [m for m in args.methods if m not in shortft.METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}: choose from {', '.join(shortft.METHODS)}")
+    if args.method != "shortft":
+        raise ValueError("--method is not used by the benchmark: list the methods to time with --methods")
+    shortft.check_chain_args(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("no CUDA device: run on a GPU machine, or smoke-test with --tiny --device cpu")
-    methods = ["shortft"] + [m for m in args.methods if m != "shortft"]
+    k = shortft.stage_of(args, 1.0)
     torch.manual_seed(args.seed)
     built = build(args)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"benchmark on {device_name}: {'tiny' if args.tiny else 'SD1.5-size'} random weights, "
-          f"{args.mixed_precision}, {args.resolution}px, batches {args.batch_sizes}, {args.repeats} timed updates")
+          f"{args.mixed_precision}, {args.resolution}px, batches {args.batch_sizes}, {args.repeats} timed updates; "
+          f"ShortFT in stages 1 … {k}")
     rows = []
     for batch in args.batch_sizes:
-        for method in methods:
+        todo = [("shortft", s) for s in range(1, k + 1)] + [(m, 1) for m in args.methods if m != "shortft"]
+        done = []
+        for method, stage in todo:
             try:
-                row = time_updates(args, method, int(batch), *built)
+                row = time_updates(args, method, stage, int(batch), *built)
             except torch.OutOfMemoryError:
-                row = {"method": method, "batch": batch, "error": "out of memory"}
+                row = {"method": method, "stage": stage, "batch": batch, "error": "out of memory"}
                 torch.cuda.empty_cache()
-            ref = next((r for r in rows if r["method"] == "shortft" and r["batch"] == batch and "error" not in r), row)
-            if "error" not in row and "error" not in ref:
-                row["ratio_to_shortft"] = row["s_per_update"] / ref["s_per_update"]
-            rows.append(row)
-            print(f"  {method:>10} B={batch}: " + (row.get("error") or
-                  f"{row['s_per_update']:.3f} s/update ({row['ratio_to_shortft']:.1f}× ShortFT)"), flush=True)
+            if method != "shortft":
+                row["stage"] = "-"
+            done.append(row)
+            print(f"  {method:>10} stage {row['stage']} B={batch}: "
+                  + (row.get("error") or f"{row['s_per_update']:.3f} s/update"), flush=True)
+            if method == "shortft" and stage == k and not any("error" in r for r in done):
+                done.append(schedule_average(done, args))
+        ref = next((r for r in done if r["stage"] == "avg"), None)
+        for r in done:
+            if ref is not None and "error" not in r:
+                r["ratio_to_shortft"] = r["s_per_update"] / ref["s_per_update"]
+        rows += done
     table = markdown(rows, args, device_name)
     print(table)
     out = Path(args.out)
@@ -223,4 +258,5 @@ if __name__ == "__main__":
     try:
         main(runio.parse_args(Args))
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

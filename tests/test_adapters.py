@@ -1,9 +1,10 @@
 """Tests of shortcut.set_active_adapters with real peft LoRA layers.
 
-Paper Sec. 3: the shortcut (frozen few-step LoRA) and the trained LoRA live on the same denoiser;
-the chain switches between "tuned", "shortcut" and "shortcut+tuned". The switch must not touch
-requires_grad (peft's own set_adapter does: SD_NOTES trap 1) and must happen inside checkpointed
-functions so the recomputation in backward sees the same adapters (trap 3).
+Paper Sec. 3: the shortcut (frozen few-step LoRA) and the trained LoRA branches live on the same
+denoiser; the chain switches between the stacked branches (tuned_1, tuned_1 + tuned_2, …) at the LoRA
+points and the shortcut alone in the jumps between them. The switch must not touch requires_grad
+(peft's own set_adapter does) and must happen inside checkpointed functions so the
+recomputation in backward sees the same adapters.
 
 Closed form checked here, per LoRA-wrapped Linear (dropout 0):
     y = W x + b + Σ_{a active} (α_a / r_a) · B_a A_a x
@@ -21,31 +22,34 @@ from peft import LoraConfig, inject_adapter_in_model
 
 import shortcut
 
-SCALES = {"shortcut": 4 / 2, "tuned": 3 / 3}  # lora_alpha / r
+SCALES = {"shortcut": 4 / 2, "tuned_1": 3 / 3, "tuned_2": 6 / 2}  # lora_alpha / r
+TUNED = ["tuned_1", "tuned_2"]
 
 
 def lora_model():
     """Linear(4, 8) → tanh → Linear(8, 4), float64, with LoRAs "shortcut" (r=2, α=4, frozen, random)
-    and "tuned" (r=3, α=3, trainable, random so that its delta is not zero)."""
+    and the branches "tuned_1" (r=3, α=3) and "tuned_2" (r=2, α=6), trainable, random so that their deltas are
+    not zero."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
     inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], lora_dropout=0.0),
                             model, adapter_name="shortcut")
-    with warnings.catch_warnings():  # a second adapter on the same model is what we want here
+    with warnings.catch_warnings():  # more adapters on the same model is what we want here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        inject_adapter_in_model(LoraConfig(r=3, lora_alpha=3, target_modules=["0", "2"], lora_dropout=0.0),
-                                model, adapter_name="tuned")
+        for name, r, alpha in (("tuned_1", 3, 3), ("tuned_2", 2, 6)):
+            inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["0", "2"], lora_dropout=0.0),
+                                    model, adapter_name=name)
     model.double()
     for name, p in model.named_parameters():
         if "lora_" in name:
             with torch.no_grad():
                 p.copy_(torch.randn_like(p) * 0.5)
-        p.requires_grad_(".tuned." in name)
+        p.requires_grad_(".tuned_" in name)
     return model
 
 
-def lora_params(model, adapter):
-    return [p for n, p in model.named_parameters() if f".{adapter}." in n]
+def lora_params(model, *adapters):
+    return [p for n, p in model.named_parameters() if any(f".{a}." in n for a in adapters)]
 
 
 def closed_form(model, x, active):
@@ -68,10 +72,10 @@ def flags(model):
 def test_peft_set_adapter_flips_requires_grad():
     """The trap: peft's layer.set_adapter makes the active adapter trainable and the others frozen."""
     model = lora_model()
-    assert all(p.requires_grad for p in lora_params(model, "tuned"))
+    assert all(p.requires_grad for p in lora_params(model, *TUNED))
     for layer in shortcut.lora_layers(model):
         layer.set_adapter("shortcut")
-    assert not any(p.requires_grad for p in lora_params(model, "tuned"))  # the trained LoRA got frozen
+    assert not any(p.requires_grad for p in lora_params(model, *TUNED))  # the trained branches got frozen
     assert all(p.requires_grad for p in lora_params(model, "shortcut"))  # the frozen shortcut got unfrozen
 
 
@@ -82,33 +86,35 @@ def test_set_active_adapters_keeps_requires_grad_and_matches_closed_form():
     before = flags(model)
     x = torch.randn(5, 4, dtype=torch.float64)
     base = closed_form(model, x, [])
-    for active in ([], ["shortcut"], ["tuned"], ["shortcut", "tuned"], ["shortcut"], ["tuned"]):
-        shortcut.set_active_adapters(model, active, layers=layers if active == ["tuned"] else None)
+    for active in ([], ["shortcut"], ["tuned_1"], TUNED, ["shortcut"], ["tuned_2"], ["shortcut", *TUNED]):
+        shortcut.set_active_adapters(model, active, layers=layers if active == TUNED else None)
         assert flags(model) == before
         torch.testing.assert_close(model(x), closed_form(model, x, active), rtol=1e-12, atol=1e-12)
-    # the deltas are real: each adapter changes the output, and the two effects add up per layer
+    # the deltas are real: each adapter changes the output, and stacked branches add up per layer
     shortcut.set_active_adapters(model, [])
     torch.testing.assert_close(model(x), base)
+    for active in (["shortcut"], ["tuned_1"], ["tuned_2"]):
+        shortcut.set_active_adapters(model, active)
+        assert (model(x) - base).abs().max() > 1e-2
+    # after switching shortcut → stacked branches, both branches still train and the shortcut does not
     shortcut.set_active_adapters(model, ["shortcut"])
-    assert (model(x) - base).abs().max() > 1e-2
-    # after switching shortcut → tuned, the tuned LoRA still trains and the shortcut does not
-    shortcut.set_active_adapters(model, ["shortcut"])
-    shortcut.set_active_adapters(model, ["tuned"])
+    shortcut.set_active_adapters(model, TUNED)
     y = model(x)
-    shortcut.set_active_adapters(model, ["shortcut", "tuned"])
+    shortcut.set_active_adapters(model, ["shortcut"])
     (model(y) ** 2).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params(model, "tuned"))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_params(model, *TUNED))
     assert all(p.grad is None for p in lora_params(model, "shortcut"))
     assert all(p.grad is None for n, p in model.named_parameters() if "base_layer" in n)
 
 
 def _chain(model, x):
-    """Three evaluations with different adapters, as in a ShortFT chain: tuned step, then jumps."""
-    shortcut.set_active_adapters(model, ["tuned"])
+    """Three evaluations with different adapters, as in a ShortFT chain: step with LoRA_1, shortcut jump, step with
+    the stacked LoRA_1 + LoRA_2."""
+    shortcut.set_active_adapters(model, ["tuned_1"])
     y = model(x)
-    shortcut.set_active_adapters(model, ["shortcut", "tuned"])
-    z = model(torch.tanh(y))
     shortcut.set_active_adapters(model, ["shortcut"])
+    z = model(torch.tanh(y))
+    shortcut.set_active_adapters(model, TUNED)
     return model(torch.tanh(z))
 
 
@@ -117,7 +123,7 @@ def _grads(model, x, fn):
         p.grad = None
     x = x.clone().requires_grad_(True)
     (fn(x) ** 2).sum().backward()
-    return [x.grad] + [p.grad for p in lora_params(model, "tuned")]
+    return [x.grad] + [p.grad for p in lora_params(model, *TUNED)]
 
 
 def test_switch_inside_checkpoint_gives_the_same_gradients():
@@ -132,14 +138,14 @@ def test_switch_inside_checkpoint_gives_the_same_gradients():
     assert all(p.grad is None for p in lora_params(model, "shortcut"))
 
     # negative control: switching *outside* the checkpointed calls recomputes them with the wrong
-    # adapters: the gradients are wrong, or torch refuses the mismatching recomputation (trap 3)
+    # adapters: the gradients are wrong, or torch refuses the mismatching recomputation
     def outside(v):
         ck = lambda f, u: torch.utils.checkpoint.checkpoint(f, u, use_reentrant=False)  # noqa: E731
-        shortcut.set_active_adapters(model, ["tuned"])
+        shortcut.set_active_adapters(model, ["tuned_1"])
         y = ck(model, v)
-        shortcut.set_active_adapters(model, ["shortcut", "tuned"])
-        z = ck(model, torch.tanh(y))
         shortcut.set_active_adapters(model, ["shortcut"])
+        z = ck(model, torch.tanh(y))
+        shortcut.set_active_adapters(model, TUNED)
         return ck(model, torch.tanh(z))
 
     try:
@@ -152,6 +158,6 @@ def test_switch_inside_checkpoint_gives_the_same_gradients():
 def test_requires_peft_layers():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     assert shortcut.lora_layers(model) == []
-    shortcut.set_active_adapters(model, ["tuned"])  # nothing to switch: a no-op
+    shortcut.set_active_adapters(model, ["tuned_1"])  # nothing to switch: a no-op
     with pytest.raises(TypeError):
         shortcut.set_active_adapters(model)  # names are required

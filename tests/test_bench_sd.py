@@ -1,5 +1,9 @@
-"""bench_sd.py on tiny components on CPU: every method runs one timed update, ratios are to ShortFT,
-evaluation counts match the chains, the table is written as JSON and Markdown. (No timing asserts.)"""
+"""bench_sd.py on tiny components on CPU: ShortFT runs one timed update per progressive stage and their schedule
+average, every baseline one; ratios are to the average; evaluation counts match the chains; the table is written as
+JSON and Markdown. (No timing asserts.)
+
+Run: python -m pytest -q tests/test_bench_sd.py
+"""
 
 import json
 
@@ -9,28 +13,54 @@ import torch
 import bench_sd
 import shortft
 
+GRID = shortft.ddim_timesteps(10)
+POINTS = [701, 401, 201, 1]
 
 
-
-def test_bench_tiny_cpu_every_method(tmp_path):
+def test_bench_tiny_cpu_every_method_and_stage(tmp_path):
     out = tmp_path / "bench"
-    rows = bench_sd.main(bench_sd.Args(tiny=True, device="cpu", batch_sizes=[1], warmup=0, repeats=1, num_steps=10,
-                                       out=str(out)))
-    assert [r["method"] for r in rows] == list(shortft.METHODS)
-    by = {r["method"]: r for r in rows}
-    assert by["shortft"]["ratio_to_shortft"] == 1.0
+    args = bench_sd.Args(tiny=True, device="cpu", batch_sizes=[1], warmup=0, repeats=1, num_steps=10,
+                         lora_points=POINTS, refl_last=3, lora_rank=4, out=str(out))
+    rows = bench_sd.main(args)
+    assert [(r["method"], r["stage"]) for r in rows] == [("shortft", s) for s in (1, 2, 3, 4, "avg")] + \
+        [(m, "-") for m in shortft.METHODS if m != "shortft"]
+    by = {(r["method"], r["stage"]): r for r in rows}
+    for stage in (1, 2, 3, 4):  # each stage's own chain was timed
+        cost = shortft.chain_cost(shortft.shortft(GRID, POINTS, stage))
+        row = by["shortft", stage]
+        assert (row["grad_evals"], row["no_grad_evals"]) == (cost["grad"], cost["no_grad"])
+    avg = by["shortft", "avg"]
+    assert avg["ratio_to_shortft"] == 1.0
+    assert avg["s_per_update"] == pytest.approx(sum(by["shortft", s]["s_per_update"] for s in (1, 2, 3, 4)) / 4)
+    assert avg["grad_evals"] == pytest.approx((7 + 5 + 3 + 1) / 4)
     assert all(r["s_per_update"] > 0 and r["ratio_to_shortft"] > 0 for r in rows)
-    assert by["full"]["grad_evals"] == 10 and by["full"]["no_grad_evals"] == 0
-    assert by["draft_k"]["grad_evals"] == 1 and by["draft_k"]["no_grad_evals"] == 9
-    assert by["shortft"]["grad_evals"] <= 5  # 1 trained step + ≤ 4 jumps
+    assert by["full", "-"]["grad_evals"] == 10 and by["full", "-"]["no_grad_evals"] == 0
+    assert by["draft_k", "-"]["grad_evals"] == 1 and by["draft_k", "-"]["no_grad_evals"] == 9
     saved = json.loads(out.with_suffix(".json").read_text())
-    assert len(saved["rows"]) == len(shortft.METHODS)
-    assert "| shortft | 1 |" in out.with_suffix(".md").read_text()
+    assert len(saved["rows"]) == len(rows)
+    assert "| shortft | avg | 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_stage_schedule_weights(tmp_path):
+    """--stage-fractions weights the average; --no-progressive times stage 1 only."""
+    rows = bench_sd.main(bench_sd.Args(tiny=True, device="cpu", batch_sizes=[1], warmup=0, repeats=1, num_steps=10,
+                                       lora_points=POINTS, stage_fractions=[1, 1, 1, 5], methods=["shortft"],
+                                       lora_rank=4, out=str(tmp_path / "a")))
+    by = {r["stage"]: r for r in rows}
+    assert by["avg"]["grad_evals"] == pytest.approx((7 + 5 + 3 + 5 * 1) / 8)
+    rows = bench_sd.main(bench_sd.Args(tiny=True, device="cpu", batch_sizes=[1], warmup=0, repeats=1, num_steps=10,
+                                       lora_points=POINTS, progressive=False, methods=["shortft"], lora_rank=4,
+                                       out=str(tmp_path / "b")))
+    assert [r["stage"] for r in rows] == [1, "avg"] and rows[1]["grad_evals"] == 7
 
 
 def test_bench_bad_input():
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         bench_sd.main(bench_sd.Args(tiny=True, device="cpu", methods=["nope"]))
+    with pytest.raises(ValueError, match="--method is not used"):
+        bench_sd.main(bench_sd.Args(tiny=True, device="cpu", method="full"))
+    with pytest.raises(ValueError, match="not on the 10-step grid"):
+        bench_sd.main(bench_sd.Args(tiny=True, device="cpu", num_steps=10))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             bench_sd.main(bench_sd.Args(tiny=True, device="cuda"))

@@ -1,0 +1,341 @@
+"""Stable Diffusion 1.5 as a ShortFT world: components, LoRA branches, denoisers, sampler, saved model.
+
+Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning", ICCV 2025,
+https://arxiv.org/abs/2507.22604 — Sec. 3 on SD1.5: a 50-step DDIM chain ("leading": 981, 961, …, 1) with CFG,
+trainable LoRA branches LoRA_1 … LoRA_k (rank 128 on the UNet's attention and feed-forward layers), stacked at the
+LoRA points (`shortft.active_loras`), and a frozen Hyper-SD LoRA as the shortcut. `train_sd.py`, `bench_sd.py` and
+notebook 03 import everything they need from here; the chains themselves live in `shortft.py`.
+
+Notation (code -> paper):
+    tuned_i           LoRA_i, a peft adapter on the UNet (i = 1 … k); the step at p_i uses tuned_1 + … + tuned_i
+    shortcut          the frozen distillation LoRA (Hyper-SD), its own peft adapter, never fused
+    BASE / TUNED      ε of the UNet without LoRA / with the branches active at t, both with CFG w:
+                      ε̃ = ε_∅ + w (ε_c − ε_∅), one UNet call on the batch [∅, c]
+    SHORTCUT          ε_φ of the shortcut adapter alone; no CFG by default (one conditional call)
+    cond, uncond      CLIP text embeddings (B, 77, D) of the prompts and (1, 77, D) of ""
+    latents           x_t (B, 4, H/8, W/8); images (B, 3, H, W) in [0, 1]
+
+Run: python -c "import sd; help(sd.prepare_pipeline)"        (the script that uses it all: python train_sd.py --tiny)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+import rewards
+import shortcut
+import shortft
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+"""UNet modules that get the trainable LoRA branches: attention (self and cross) and feed-forward, as in the paper."""
+SHORTCUT_ADAPTER = "shortcut"
+"""peft adapter name of the frozen shortcut LoRA."""
+LORA_JSON = "shortft.json"
+"""The file next to tuned_1.safetensors … that says how the branches are used (LoRA points, grid)."""
+
+
+# ----------------------------------------------------------------------------- components and prompts
+
+
+def find_file(path: str | Path) -> Path:
+    """`path` as given, or relative to this file's folder when it is not found from the current one."""
+    path = Path(path)
+    here = Path(__file__).resolve().parent / path
+    return here if not path.exists() and not path.is_absolute() and here.exists() else path
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Non-empty lines of a text file, '#' comments skipped. Missing or empty file: one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist: write one prompt per line")
+    prompts = [p for p in (line.split("#", 1)[0].strip() for line in path.read_text().splitlines()) if p]
+    if not prompts:
+        raise ValueError(f"prompt file {str(path)!r} has no prompts: write one prompt per line")
+    return prompts
+
+
+def load_components(model: str, device="cpu", dtype=torch.float32) -> dict:
+    """SD1.5 tokenizer, text encoder, VAE, UNet (frozen, in `dtype`) and DDIM scheduler from a hub id or a local
+    pipeline folder. A missing folder or uncached hub id gives one line with the `hf download` command."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(f"model folder {model!r} does not exist: pass an SD1.5 pipeline folder or a hub id "
+                                f"such as stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+    def load(cls, sub):
+        return rewards.load_pretrained(cls, model, f"SD {sub}", subfolder=sub)
+
+    c = dict(tokenizer=load(CLIPTokenizer, "tokenizer"), text_encoder=load(CLIPTextModel, "text_encoder"),
+             vae=load(AutoencoderKL, "vae"), unet=load(UNet2DConditionModel, "unet"),
+             scheduler=load(DDIMScheduler, "scheduler"))
+    for k in ("text_encoder", "vae", "unet"):
+        c[k].to(device)
+        if c[k].dtype != dtype:  # cast only when needed: diffusers warns on every dtype .to()
+            c[k].to(dtype)
+        c[k].requires_grad_(False).eval()
+    return c
+
+
+def ddim_grid(scheduler, num_steps: int = 50) -> list[int]:
+    """The scheduler's N-step DDIM grid with "leading" spacing (SD1.5's sampler: 981, 961, …, 1 for N = 50)."""
+    cfg = scheduler.config
+    return shortft.ddim_timesteps(num_steps, cfg.get("num_train_timesteps", 1000), "leading",
+                                  cfg.get("steps_offset", 1))
+
+
+def latent_side(vae, resolution: int) -> int:
+    """Latent side h = H / f with f = 2^(VAE levels − 1) (SD1.5: 8; the tiny VAE: 2)."""
+    return resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder, cache: dict) -> torch.Tensor:
+    """CLIP text embeddings (B, 77, D), one text-encoder pass per distinct prompt ever seen (`cache`)."""
+    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if missing:
+        ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(text_encoder.device)
+        with torch.no_grad():
+            cache.update(zip(missing, text_encoder(ids)[0]))
+    return torch.stack([cache[p] for p in prompts])
+
+
+# ----------------------------------------------------------------------------- LoRA branches (peft)
+
+
+def add_tuned_loras(unet, n: int, rank: int = 128, alpha: float = 128.0,
+                    targets: Sequence[str] = LORA_TARGETS) -> list[str]:
+    """Add the trainable branches tuned_1 … tuned_n (paper: LoRA_1 … LoRA_k) with peft, B = 0 at init so the model
+    starts as the base; their weights are float32 whatever the UNet's dtype. Every parameter of the UNet is left
+    frozen: choose what trains with `set_trainable`. Returns the adapter names."""
+    from peft import LoraConfig
+
+    names = shortft.lora_names(n)
+    for name in names:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                    target_modules=list(targets)), adapter_name=name)
+    for p in lora_parameters(unet, names):
+        p.data = p.data.float()
+    set_trainable(unet, [])
+    return names
+
+
+def lora_weights(unet, names: Sequence[str]) -> dict[str, torch.nn.Parameter]:
+    """The parameters of adapters `names` by their name in `unet.named_parameters()` (checkpoints use these keys)."""
+    return {n: p for n, p in unet.named_parameters() if any(f".{a}." in n for a in names)}
+
+
+def lora_parameters(unet, names: Sequence[str]) -> list[torch.nn.Parameter]:
+    """The parameters of adapters `names`, in module order."""
+    return list(lora_weights(unet, names).values())
+
+
+def set_trainable(unet, names: Sequence[str]) -> list[torch.nn.Parameter]:
+    """requires_grad on exactly the parameters of adapters `names`, off on every other adapter (the shortcut too)
+    and on the base weights. Call it after every peft/diffusers call that may have flipped the flags (peft's
+    set_adapter and diffusers' LoRA loading do) and at each progressive-training stage. Returns the trainable
+    parameters."""
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    params = lora_parameters(unet, names)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def stage_adapters(stage: int, points: Sequence[int] | None, timestep_aware: bool = True) -> list[str]:
+    """Names of the branches trained in progressive stage `stage` (tuned_i … tuned_k; tuned_1 with one LoRA)."""
+    names = shortft.lora_names(shortft.num_loras(points, timestep_aware))
+    return [names[i] for i in shortft.trainable_loras(stage, points, timestep_aware)]
+
+
+# ----------------------------------------------------------------------------- denoisers
+
+
+def make_denoisers(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: float = 7.5,
+                   points: Sequence[int] | None = None, timestep_aware: bool = True, shortcut_guidance: float = 0.0,
+                   layers=None) -> dict[str, shortft.Denoiser]:
+    """The callables ε = f(x_t, t, s) the chains look up by name:
+
+        BASE      the UNet without LoRA, CFG w
+        TUNED     the branches shortft.active_loras(t, points, timestep_aware) picks (tuned_1 at every step when
+                  points is None, as for every baseline; none: the base), CFG w
+        SHORTCUT  the shortcut adapter alone, CFG only if shortcut_guidance > 1 (Hyper-SD: none)
+
+    Each sets its adapters inside the call (so that checkpoint recomputation sees the same model) without touching
+    requires_grad (peft's set_adapter would freeze the trained branches). w ≤ 1 is one conditional UNet call; otherwise the batch [∅, c]
+    goes through the UNet in one call.  cond (B, 77, D), uncond (1, 77, D); x_t (B, 4, h, w)."""
+    layers = shortcut.lora_layers(unet) if layers is None else layers
+    names = shortft.lora_names(shortft.num_loras(points, timestep_aware))
+    both = torch.cat([uncond.expand(cond.shape[0], -1, -1), cond])
+
+    def eps(x, t, adapters, w):
+        shortcut.set_active_adapters(unet, adapters, layers)
+        x_in = x.to(unet.dtype)
+        if w <= 1.0:
+            return unet(x_in, t, encoder_hidden_states=cond).sample.to(x.dtype)
+        e_u, e_c = unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=both).sample.to(x.dtype).chunk(2)
+        return shortft.classifier_free_guidance(e_u, e_c, w)
+
+    def tuned_at(t):
+        return [names[i] for i in shortft.active_loras(t, points, timestep_aware)]
+
+    return {shortft.BASE: lambda x, t, s: eps(x, t, [], guidance),
+            shortft.TUNED: lambda x, t, s: eps(x, t, tuned_at(t), guidance),
+            shortft.SHORTCUT: lambda x, t, s: eps(x, t, [SHORTCUT_ADAPTER], shortcut_guidance)}
+
+
+def decode(vae, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+    """VAE decode: images = (D(z / scaling_factor) + 1) / 2 clamped to [0, 1]; (B, 4, h, w) → (B, 3, f·h, f·w)."""
+
+    def dec(z):
+        return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+
+    x = torch.utils.checkpoint.checkpoint(dec, latents, use_reentrant=False) if checkpoint and latents.requires_grad \
+        else dec(latents)
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def sample(c: dict, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence[int], guidance: float = 7.5,
+           points: Sequence[int] | None = None, timestep_aware: bool = True, model: str = shortft.TUNED,
+           resolution: int = 512, batch: int = 4, cache: dict | None = None) -> torch.Tensor:
+    """The ordinary N-step DDIM + CFG sampler (`shortft.sampling_chain(grid, points, model)`: TUNED where a LoRA
+    acts, BASE elsewhere; model=BASE samples the base) from one fixed seed per prompt; images (B, 3, H, W) on CPU.
+    `c` holds the components `load_components` returns. The fine-tuned model is exactly this sampler."""
+    unet, vae, tok, te = c["unet"], c["vae"], c["tokenizer"], c["text_encoder"]
+    cache = {} if cache is None else cache
+    device = next(unet.parameters()).device
+    schedule = shortft.schedule_from_diffusers(c["scheduler"].config)
+    chain = shortft.sampling_chain(grid, points, model)
+    side = latent_side(vae, resolution)
+    uncond = encode_prompts([""], tok, te, cache)
+    images = []
+    for i in range(0, len(prompts), batch):
+        ps = prompts[i : i + batch]
+        x = torch.stack([torch.randn(unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(s))
+                         for s in seeds[i : i + batch]]).to(device)
+        den = make_denoisers(unet, encode_prompts(ps, tok, te, cache), uncond, guidance, points, timestep_aware)
+        images.append(decode(vae, shortft.run_chain(x, chain.trunk, den, schedule)).cpu())
+    return torch.cat(images)
+
+
+def save_grid(rows: Sequence[torch.Tensor], path: str | Path) -> None:
+    """PNG with one row of images per tensor (B, 3, H, W) in [0, 1], e.g. [base, tuned]."""
+    from PIL import Image
+
+    grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (3, rows·H, B·W)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+
+
+# ----------------------------------------------------------------------------- the saved model
+
+
+def save_lora(unet, out_dir: str | Path, grid: Sequence[int], points: Sequence[int] | None = None,
+              timestep_aware: bool = True, guidance: float = 7.5, **info) -> Path:
+    """Write the fine-tuned model to `out_dir` (replaced atomically): one diffusers-format LoRA file per branch,
+    `tuned_1.safetensors` …, each loadable with `pipe.load_lora_weights(out_dir, weight_name=…, adapter_name=…)`,
+    and `shortft.json` saying how they combine: the LoRA points, timestep_aware, the adapter names and the grid of
+    the sampler they were trained for (the model is `sample(…, points, timestep_aware)` on that grid). `info`
+    adds JSON fields (e.g. the method)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    names = shortft.lora_names(shortft.num_loras(points, timestep_aware))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    for name in names:
+        meta = unet.peft_config[name].to_dict()
+        meta["target_modules"] = sorted(meta["target_modules"])
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=name))
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=f"{name}.safetensors",
+                                                  unet_lora_adapter_metadata=meta)
+    layout = dict(adapters=names, files=[f"{n}.safetensors" for n in names],
+                  lora_points=None if points is None else [int(p) for p in points], timestep_aware=timestep_aware,
+                  grid=[int(t) for t in grid], timestep_spacing="leading", guidance_scale=guidance, **info)
+    lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in layout.items())  # one field per line
+    (tmp / LORA_JSON).write_text("{\n" + lines + "\n}\n")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def read_lora_layout(lora_dir: str | Path) -> dict:
+    """The `shortft.json` of a saved LoRA folder; a folder without it gives one clear line."""
+    lora_dir = Path(lora_dir)
+    if not lora_dir.is_dir():
+        raise FileNotFoundError(f"LoRA folder {str(lora_dir)!r} does not exist")
+    if not (lora_dir / LORA_JSON).is_file():
+        raise FileNotFoundError(f"LoRA folder {str(lora_dir)!r} has no {LORA_JSON}: it says which branch acts at which "
+                                f"timestep; pass a folder written by train_sd.py (runs/<name>/lora)")
+    layout = json.loads((lora_dir / LORA_JSON).read_text())
+    missing = [f for f in layout["files"] if not (lora_dir / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"LoRA folder {str(lora_dir)!r} lacks {', '.join(missing)} listed in {LORA_JSON}")
+    return layout
+
+
+def load_lora(unet, lora_dir: str | Path) -> dict:
+    """Load every branch of a saved LoRA folder into `unet` as frozen adapters tuned_1 … and return its layout
+    (`shortft.json`), e.g. for `sample(c, …, grid=layout["grid"], points=layout["lora_points"],
+    timestep_aware=layout["timestep_aware"])`."""
+    from diffusers import StableDiffusionPipeline
+
+    layout = read_lora_layout(lora_dir)
+    for name, file in zip(layout["adapters"], layout["files"]):
+        state_dict, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(lora_dir), weight_name=file,
+                                                                           return_lora_metadata=True)
+        StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name=name, metadata=meta)
+    set_trainable(unet, [])
+    return layout
+
+
+def prepare_pipeline(pipe, lora_dir: str | Path) -> dict:
+    """Make a stock diffusers `StableDiffusionPipeline` sample the fine-tuned model: load each branch of the LoRA
+    folder as an adapter, switch to a DDIM scheduler with "leading" spacing (SD1.5's grid), activate the branches of
+    the first step, and return the keyword arguments for `pipe(prompt, **kwargs)`: the number of steps, the CFG
+    scale the model was trained with, and `callback_on_step_end`, which after each step activates the branches
+    `shortft.active_loras` picks for the NEXT step (after the last step: the first step's, for the next call).
+    Other LoRAs loaded into the pipeline are switched off while it runs."""
+    from diffusers import DDIMScheduler
+
+    lora_dir = Path(lora_dir)
+    layout = read_lora_layout(lora_dir)
+    for name, file in zip(layout["adapters"], layout["files"]):
+        pipe.load_lora_weights(str(lora_dir), weight_name=file, adapter_name=name)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    grid, points, aware, names = layout["grid"], layout["lora_points"], layout["timestep_aware"], layout["adapters"]
+
+    def activate(t: int) -> None:
+        active = [names[i] for i in shortft.active_loras(t, points, aware)]
+        if active:
+            pipe.enable_lora()
+            pipe.set_adapters(active)
+        else:
+            pipe.disable_lora()
+
+    def switch(pipe_, i: int, t, callback_kwargs: dict) -> dict:
+        timesteps = [int(s) for s in pipe_.scheduler.timesteps]
+        if timesteps != grid:
+            raise ValueError(f"this LoRA was trained for the {len(grid)}-step leading DDIM grid ({grid[0]} … "
+                             f"{grid[-1]}): call the pipeline with num_inference_steps={len(grid)}")
+        activate(timesteps[i + 1] if i + 1 < len(timesteps) else timesteps[0])
+        return callback_kwargs
+
+    activate(grid[0])
+    return dict(num_inference_steps=len(grid), guidance_scale=layout["guidance_scale"], callback_on_step_end=switch)
