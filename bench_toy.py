@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -293,7 +292,6 @@ def bench(args: BenchArgs) -> dict:
         for v in args.variants:
             for seed in args.seeds:
                 run = run_args(args, v, seed)
-                shutil.rmtree(out / run.name, ignore_errors=True)  # a rerun replaces the run
                 runs.setdefault(v, []).append(train_toy.train(run, log=lambda *a: None))
                 f = runs[v][-1]["final"]
                 print(f"  {v:>18} seed {seed}: reward {f['eval/reward_mean']:.3f}, {runs[v][-1]['updates']} updates", flush=True)

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,13 +120,12 @@ def set_trainable(world: toy.Toy, stage: int) -> tuple[int, ...]:
 
 def train(args: Args, log=print) -> dict:
     """Fine-tune one method for `args.budget`; writes the run folder and returns its summary (final evaluation,
-    updates, seconds per update, the evaluation rows)."""
+    updates, seconds per update, the evaluation rows). A new run (not --resume) replaces whatever run the folder held,
+    checkpoints included; the command line (`run`) refuses such a folder instead."""
     torch.set_num_threads(args.threads)
-    run_dir = Path(args.out_dir) / (args.name or f"toy-{args.method}")
+    run_dir = run_folder(args)
     if args.resume:  # before anything is built or written: something to resume, made with these settings
         runio.check_resume(run_dir, args, RESUME_KEYS)
-    else:
-        runio.check_fresh(run_dir, "--name")
     points, aware = shortft.layout(args)
     world = toy.build_toy(args, points, aware, args.lora_rank, args.lora_alpha, args.seed)
     names, params = world.names, world.tuned_params()
@@ -146,6 +146,7 @@ def train(args: Args, log=print) -> dict:
         log(f"resumed from {ckpt} at update {state['update']}")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         for old in ("metrics.jsonl", "lora.safetensors"):
             (run_dir / old).unlink(missing_ok=True)
     runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
@@ -220,8 +221,16 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.endswith("\n")]  # not a last line torn by a kill
 
 
+def run_folder(args: Args) -> Path:
+    """<out-dir>/<name>, the name defaulting to toy-<method>."""
+    return Path(args.out_dir) / (args.name or f"toy-{args.method}")
+
+
 def run(args: Args) -> dict:
-    """Train with checked arguments and print the summary line."""
+    """The command line's run, with checked arguments: a new run refuses a folder that holds another run's checkpoints
+    (pass --resume, or choose another --name); train, then print the summary line."""
+    if not args.resume:
+        runio.check_fresh(run_folder(args), "--name")
     out = train(args)
     f = out["final"]
     print(f"{args.method}: {out['updates']} updates in {out['spent']:.1f} {args.budget_unit} "
