@@ -410,13 +410,30 @@ def test_resolution_checked_against_the_loaded_model():
     configs are loaded (train_sd.check_model, before anything is written)."""
     from types import SimpleNamespace as NS
 
-    sd15 = NS(config=NS(block_out_channels=(320, 640, 1280, 1280)))
-    vae = NS(config=NS(block_out_channels=(128, 256, 512, 512)))
+    vae = NS(config=NS(block_out_channels=(128, 256, 512, 512)))  # SD1.5's configs
     modules = [(f"mid_block.attentions.0.{t}", None) for t in sd.LORA_TARGETS]
-    unet = NS(config=sd15.config, named_modules=lambda: modules)
+    unet = NS(config=NS(block_out_channels=(320, 640, 1280, 1280)), named_modules=lambda: modules)
     train_sd.check_model(train_sd.Args(resolution=576), unet, vae)
     with pytest.raises(runio.ArgError, match=r"^--resolution 520: must be a multiple of 64 for this model"):
         train_sd.check_model(train_sd.Args(resolution=520), unet, vae)
+
+
+def test_model_path_or_hub_id(files, tmp_path, monkeypatch, capfd):
+    """models/sd15 is a path when ./models exists (no such folder: one line, no hub), else a hub id (not cached,
+    offline: one line with its `hf download`); an unreachable hub turns the process offline instead of retrying."""
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    argv = base_argv("train_sd", files, tmp_path / "out") + ["--model", "models/sd15"]
+    for words in ("hf download models/sd15", "--model models/sd15: the folder does not exist"):
+        with pytest.raises(SystemExit):
+            ENTRY["train_sd"](argv)
+        assert words in capfd.readouterr().err
+        (tmp_path / "models").mkdir(exist_ok=True)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(sd, "hub_reachable", lambda timeout=3.0: False)
+    assert sd.hub_offline() and constants.HF_HUB_OFFLINE and os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_resume_falls_back_over_a_corrupt_checkpoint(files, capfd):
