@@ -201,23 +201,50 @@ def markdown(rows: list[dict], args: Args, device_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_args(args: Args) -> None:
+    """Every argument, in field order, before anything is built: one line `--flag VALUE: what to do` (a ValueError)."""
+    runio.require(args.method == "shortft", "method", args.method, "is not used by the benchmark: list the methods "
+                                                                   "to time with --methods")
+    shortft.check_chain_args(args)
+    runio.require(args.device == "cpu" or args.device.split(":")[0] == "cuda", "device", args.device, "use cuda or cpu")
+    runio.require(args.device == "cpu" or torch.cuda.is_available(), "device", args.device,
+                  "no CUDA device: run on a GPU machine, or smoke-test with --tiny --device cpu")
+    unknown = [m for m in args.methods if m not in shortft.METHODS]
+    runio.require(not unknown, "methods", args.methods, f"unknown method {unknown[0] if unknown else ''!r}: choose "
+                                                        f"from {', '.join(shortft.METHODS)}")
+    runio.require(bool(args.batch_sizes), "batch_sizes", args.batch_sizes, "give at least one batch size")
+    for b in args.batch_sizes:
+        runio.require_range("batch_sizes", b, 1, 1024)
+    runio.require(args.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", args.mixed_precision,
+                  "use no, bf16 or fp16")
+    runio.require_range("resolution", args.resolution, 8, 4096)
+    runio.require(args.resolution % 8 == 0, "resolution", args.resolution, "must be a multiple of 8 (SD1.5: of 64)")
+    runio.require_range("guidance", args.guidance, 0, 100)
+    runio.require_range("lora_rank", args.lora_rank, 1, 4096)
+    runio.require_range("shortcut_rank", args.shortcut_rank, 1, 4096)
+    runio.require_range("warmup", args.warmup, 0)
+    runio.require_range("repeats", args.repeats, 1)
+    runio.require_range("seed", args.seed, 0, 2**32 - 1)
+    out = Path(args.out)
+    runio.require(bool(out.name) and not out.is_dir(), "out", args.out, "is a folder: give a file name without "
+                                                                       "suffix, e.g. runs/bench_sd/bench")
+    runio.check_writable_dir("--out", out.parent)
+
+
 def main(args: Args) -> list[dict]:
+    """Time every row; returns the rows (also written to <out>.json and <out>.md)."""
     torch.set_flush_denormal(True)  # random tiny models make denormal floats, 10-100x slower on x86 CPUs
+    check_args(args)
     if args.tiny and args.resolution == Args.resolution:
         args = dataclasses.replace(args, resolution=32)
     if args.device == "cpu" and args.mixed_precision == Args.mixed_precision:
         args = dataclasses.replace(args, mixed_precision="no")  # bf16 autocast on CPU is slower, not faster
-    unknown = [m for m in args.methods if m not in shortft.METHODS]
-    if unknown:
-        raise ValueError(f"unknown method {unknown[0]!r}: choose from {', '.join(shortft.METHODS)}")
-    if args.method != "shortft":
-        raise ValueError("--method is not used by the benchmark: list the methods to time with --methods")
-    shortft.check_chain_args(args)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("no CUDA device: run on a GPU machine, or smoke-test with --tiny --device cpu")
     k = shortft.stage_of(args, 1.0)
     torch.manual_seed(args.seed)
     built = build(args)
+    step = sd.resolution_step(built[0]["vae"], built[0]["unet"])
+    runio.require(args.resolution % step == 0, "resolution", args.resolution,
+                  f"must be a multiple of {step} for this model (its VAE's and UNet's downsampling)")
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"benchmark on {device_name}: {'tiny' if args.tiny else 'SD1.5-size'} random weights, "
           f"{args.mixed_precision}, {args.resolution}px, batches {args.batch_sizes}, {args.repeats} timed updates; "
@@ -248,15 +275,9 @@ def main(args: Args) -> list[dict]:
     print(table)
     out = Path(args.out)
     runio.write_json({"device": device_name, "args": dataclasses.asdict(args), "rows": rows}, out.with_suffix(".json"))
-    out.with_suffix(".md").write_text(table)
+    runio.write_text(table, out.with_suffix(".md"))
     return rows
 
 
 if __name__ == "__main__":
-    import sys
-
-    try:
-        main(runio.parse_args(Args))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runio.cli(main, Args, check_args)

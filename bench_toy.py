@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 import measure_toy
+import rewards
 import runio
 import shortft
 import toy
@@ -61,13 +61,13 @@ class BenchArgs(toy.WorldArgs):
     """Measure the toy world and train every variant of the paper's Tables 1 and 3 at equal compute."""
 
     name: str = "toy"
-    """output folder: <out-dir>/<name>/"""
+    """output folder: <out-dir>/<name>/ (a rerun replaces the run folders of the variants and seeds it trains)"""
     out_dir: str = "runs"
     """parent of the output folder"""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """fine-tuning seeds of every variant (LoRA init, x_T draws, chain draws)"""
+    """fine-tuning seeds of every variant (LoRA init, x_T draws, chain draws); distinct"""
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    """rows to train (names of bench_toy.VARIANTS)"""
+    """rows to train (names of bench_toy.VARIANTS); distinct"""
     reward: str = train_toy.Args.reward
     """training reward of every variant (train_toy.py --reward)"""
     smooth_reward: str = "region"
@@ -83,9 +83,49 @@ class BenchArgs(toy.WorldArgs):
     grad_samples: int = 256
     """x_T samples of the gradient measurements"""
     chain_lengths: list[int] = field(default_factory=lambda: [10, 20, 50, 100, 200])
-    """grids of the gradient-norm measurement"""
+    """grids of the gradient-norm measurement (N steps; the paper's LoRA points are snapped to each, so N ≥ 4)"""
     threads: int = 1
     """torch CPU threads"""
+
+
+def run_args(args: BenchArgs, variant: str, seed: int) -> train_toy.Args:
+    """The train_toy.py arguments of one variant and seed."""
+    return train_toy.Args(**dataclasses.asdict(toy.world_args(args)), name=f"{variant}-s{seed}",
+                          out_dir=str(Path(args.out_dir) / args.name), seed=seed, reward=args.reward,
+                          budget=args.budget, budget_unit=args.budget_unit, evals=args.evals,
+                          eval_batch=args.eval_batch, threads=args.threads, **VARIANTS[variant][1])
+
+
+def check_args(args: BenchArgs) -> None:
+    """Every argument, in field order, before anything is built: one line `--flag VALUE: what to do` (a ValueError)."""
+    toy.check_world_args(args)
+    runio.check_run_name(args.name, out_flag="--out-dir")
+    runio.check_writable_dir("--out-dir", args.out_dir)
+    runio.require(bool(args.seeds) and len(set(args.seeds)) == len(args.seeds), "seeds", args.seeds,
+                  "give one or more distinct seeds")
+    for seed in args.seeds:
+        runio.require_range("seeds", seed, 0, 2**32 - 1)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    runio.require(not unknown, "variants", args.variants, f"unknown variant {unknown[0] if unknown else ''!r}; "
+                                                           f"choose from {', '.join(VARIANTS)}")
+    runio.require(bool(args.variants) and len(set(args.variants)) == len(args.variants), "variants", args.variants,
+                  "give one or more distinct variants")
+    for flag in ("reward", "smooth_reward"):
+        spec = getattr(args, flag)
+        runio.check_arg(flag, spec, rewards.check_reward_spec, spec, rewards.TOY_REWARDS)
+    runio.require_range("budget", args.budget, 0, low_open=True)
+    runio.require(args.budget_unit in (*train_toy.CLOCKS, "updates"), "budget_unit", args.budget_unit,
+                  "use cpu_seconds, seconds or updates")
+    runio.require_range("evals", args.evals, 1)
+    runio.require_range("eval_batch", args.eval_batch, 2, toy.MAX_SIZE)
+    runio.require_range("grad_samples", args.grad_samples, 1, toy.MAX_SIZE)
+    runio.require(bool(args.chain_lengths), "chain_lengths", args.chain_lengths, "give at least one N")
+    for n in args.chain_lengths:
+        runio.require_range("chain_lengths", n, 4, 1000, what="the paper's 4 LoRA points need 4 distinct steps")
+        runio.check_arg("chain_lengths", n, measure_toy.snap_points, shortft.ddim_timesteps(n))
+    runio.require_range("threads", args.threads, 1, os.cpu_count() or 1, what="at most this machine's CPU cores")
+    for v in args.variants:  # what each run will be given
+        train_toy.check_args(run_args(args, v, args.seeds[0]))
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -227,13 +267,8 @@ def plot(out: Path, metrics: dict, world: toy.Toy, samples: dict, args: BenchArg
     return files
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = runio.parse_args(BenchArgs, argv)
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown or not args.seeds:
-        print(f"bench_toy.py: error: unknown variant(s) {unknown} or no seeds; variants: {', '.join(VARIANTS)}",
-              file=sys.stderr)
-        raise SystemExit(2)
+def bench(args: BenchArgs) -> dict:
+    """Every step of the module docstring with checked arguments; returns metrics.json's content."""
     torch.set_num_threads(args.threads)
     out = Path(args.out_dir) / args.name
     out.mkdir(parents=True, exist_ok=True)
@@ -256,10 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {}
         for v in args.variants:
             for seed in args.seeds:
-                run = train_toy.Args(**dataclasses.asdict(toy.world_args(args)), name=f"{v}-s{seed}", out_dir=str(out),
-                                     seed=seed, reward=args.reward, budget=args.budget, budget_unit=args.budget_unit,
-                                     evals=args.evals, eval_batch=args.eval_batch, threads=args.threads, **VARIANTS[v][1])
-                train_toy.check_args(run)
+                run = run_args(args, v, seed)
                 runs.setdefault(v, []).append(train_toy.train(run, log=lambda *a: None))
                 f = runs[v][-1]["final"]
                 print(f"  {v:>18} seed {seed}: reward {f['eval/reward_mean']:.3f}, {runs[v][-1]['updates']} updates", flush=True)
@@ -294,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     load["end"] = os.getloadavg()
     metrics["time"] = {"parts": parts, "load_average_1_5_15min": load, "cpu_count": os.cpu_count()}
     md = tables_markdown(metrics["summary"], args)
-    (out / "tables.md").write_text(md)
+    runio.write_text(md, out / "tables.md")
     runio.write_json(metrics, out / "metrics.json")
     print("\n" + md)
     te, cj = metrics["trajectory_error"], metrics["chain_jump_error"]
@@ -307,6 +339,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"total {sum(p['wall_s'] for p in parts.values()):.0f} s wall, {sum(p['cpu_s'] for p in parts.values()):.0f} s CPU; "
           f"load average {load['start'][0]:.1f} → {load['end'][0]:.1f} on {os.cpu_count()} cores; {out}")
     return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command line: bad arguments end in one line and exit status 2."""
+    return runio.cli(bench, BenchArgs, check_args, argv)
 
 
 if __name__ == "__main__":

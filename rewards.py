@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -56,6 +56,16 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         if any(name == n for n, _ in terms):
             raise ValueError(f"reward {name!r} appears twice in {spec!r}: give it once, with the summed weight")
         terms.append((name, w))
+    return terms
+
+
+def check_reward_spec(spec: str, names: Sequence[str] | None = None) -> list[tuple[str, float]]:
+    """`parse_reward_spec`, and every name a known reward (one of `names` when given): one-line ValueError."""
+    terms = parse_reward_spec(spec)
+    known = sorted(REWARDS if names is None else names)
+    for name, _ in terms:
+        if name not in known:
+            raise ValueError(f"unknown reward {name!r}: choose from {', '.join(known)}")
     return terms
 
 
@@ -176,6 +186,8 @@ REWARDS["class_agreement"] = class_agreement
 REWARDS["quality"] = quality
 REWARDS["class_shift"] = class_shift
 REWARDS["mode_shift"] = mode_shift
+TOY_REWARDS = ("region", "class_agreement", "quality", "class_shift", "mode_shift")
+"""The rewards of 2D points (the toy world); every other reward scores images."""
 
 
 

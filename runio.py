@@ -103,6 +103,17 @@ def require_range(flag: str, value: Any, low: float | None = None, high: float |
     require(ok, flag, value, f"must be a finite number{span}" + (f"; {what}" if what else ""))
 
 
+def check_arg(flag: str, value: Any, check: Callable[..., Any], *args) -> Any:
+    """`check(*args)` (e.g. a parser or loader of the value); its one-line ValueError or OSError (a missing file)
+    becomes ArgError `--flag VALUE: message` (an ArgError passes unchanged). Returns what `check` returns."""
+    try:
+        return check(*args)
+    except ArgError:
+        raise
+    except (ValueError, OSError) as e:
+        raise ArgError(flag, value, _one_line(e)) from None
+
+
 def _flag(name: str) -> str:
     return name if name.startswith("-") else "--" + name.replace("_", "-")
 
@@ -212,13 +223,36 @@ def _parse_type(kind: type) -> Callable[[str], Any]:
     return _finite_float if kind is float else kind
 
 
-def run_dir(out: str | Path, name: str, *, out_flag: str = "--out", name_flag: str = "--name") -> Path:
-    """`out/name`, created: refuses (ArgError) a name that is not one plain folder name (absolute, `..`,
-    separators) and an `out` where the run folder cannot be created or written."""
+def check_run_name(name: str, *, out_flag: str = "--out", name_flag: str = "--name") -> None:
+    """ArgError unless `name` is one plain folder name (not empty, absolute, `.`, `..`, nor with separators):
+    a run folder OUT/NAME never lands outside OUT."""
     plain = bool(name) and name not in (".", "..") and not any(s in name for s in ("/", "\\", "\0", os.sep)) \
         and not os.path.isabs(name)
     require(plain, name_flag, name, "must be one plain folder name (no '/', '\\' or '..'): the run folder is "
                                     f"{out_flag.lstrip('-').upper()}/NAME")
+
+
+def check_writable_dir(flag: str, path: str | Path) -> None:
+    """ArgError unless `path` is a folder that can be written, or can be created (its nearest existing
+    ancestor is a writable folder); creates nothing but a temporary file it deletes at once."""
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ArgError(flag, path, f"{existing} is a file, not a folder: choose a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ArgError(flag, path, f"cannot write in {existing} ({e.strerror or e}): choose a writable folder") \
+            from None
+
+
+def run_dir(out: str | Path, name: str, *, out_flag: str = "--out", name_flag: str = "--name") -> Path:
+    """`out/name`, created: refuses (ArgError) a name that is not one plain folder name (absolute, `..`,
+    separators) and an `out` where the run folder cannot be created or written."""
+    check_run_name(name, out_flag=out_flag, name_flag=name_flag)
     path = Path(out) / name
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -237,6 +271,16 @@ def write_json(obj: Any, path: str | Path) -> None:
     """Write JSON atomically (temporary file, fsync, os.replace)."""
     text = json.dumps(obj, indent=2, default=_jsonable)
     _write_atomic(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """Write a text file atomically (temporary file, fsync, os.replace)."""
+    _write_atomic(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def write_bytes(data: bytes, path: str | Path) -> None:
+    """Write a binary file atomically (temporary file, fsync, os.replace)."""
+    _write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def append_jsonl(obj: dict, path: str | Path) -> None:
@@ -279,7 +323,7 @@ def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     try:
         write(tmp)
         _fsync(tmp)
-        _pause("file-written")
+        _pause("file-written", path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -350,12 +394,14 @@ def _refuse_nonfinite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
                               "resume from the last checkpoint with a lower --lr)")
 
 
-def _pause(point: str) -> None:
+def _pause(point: str, path: Path) -> None:
     """Test hook: with RUNIO_PAUSE=point:FILE in the environment, create FILE and sleep at `point`, so a
-    test can SIGKILL the process exactly there. Points: file-written, folder-filled, manifest-written,
-    old-moved, swapped, removing."""
+    test can SIGKILL the process exactly there; RUNIO_PAUSE=point@NAME:FILE pauses only where the file or
+    folder being written (or removed) is named NAME, e.g. `folder-filled@lora` or `manifest-written@step_0000004`.
+    Points: file-written, folder-filled, manifest-written, old-moved, swapped, removing."""
     name, _, flag = os.environ.get("RUNIO_PAUSE", "").partition(":")
-    if name == point:
+    where, _, only = name.partition("@")
+    if where == point and (not only or only == Path(path).name):
         Path(flag).touch()
         time.sleep(600)
 
@@ -403,9 +449,9 @@ def atomic_folder(path: str | Path, manifest: str = "MANIFEST.json", meta: dict 
     tmp.mkdir()
     try:
         yield tmp
-        _pause("folder-filled")
+        _pause("folder-filled", path)
         _write_manifest(tmp, manifest, meta)
-        _pause("manifest-written")
+        _pause("manifest-written", path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -438,10 +484,10 @@ def _swap_in(tmp: Path, path: Path) -> None:
     if path.exists():
         os.rename(path, old)
         _fsync(path.parent)
-        _pause("old-moved")
+        _pause("old-moved", path)
     os.rename(tmp, path)
     _fsync(path.parent)
-    _pause("swapped")
+    _pause("swapped", path)
     if old.exists():
         _remove(old, path)
 
@@ -453,7 +499,7 @@ def _remove(folder: Path, path: Path) -> None:
         shutil.rmtree(trash)
     os.rename(folder, trash)
     _fsync(path.parent)
-    _pause("removing")
+    _pause("removing", folder)
     shutil.rmtree(trash)
 
 
@@ -674,21 +720,34 @@ def check_resume(run_dir: str | Path, args: Any, keys: Iterable[str]) -> Path:
     return ckpt
 
 
+def check_fresh(run_dir: str | Path, name_flag: str = "--name") -> None:
+    """Before a new (not resumed) run writes anything: ArgError if `run_dir` already holds a complete
+    checkpoint, so that two runs never mix in one folder (resume it, or choose another name)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        raise ArgError(name_flag, Path(run_dir).name, f"{run_dir} already holds a run (checkpoint {ckpt.name}): "
+                                                      f"pass --resume to continue it, or choose another {name_flag}")
+
+
 def resume_checkpoint(run_dir: str | Path, optimizer: torch.optim.Optimizer | None = None,
                       expect: Mapping[str, Any] | None = None, restore_rng: bool = True):
     """`load_checkpoint` the newest checkpoint of `run_dir` that loads, saying which one; each newer one
-    that is incomplete, corrupt or non-finite is skipped with a one-line message. Returns (path, weights,
-    state). RunError if none loads; a MismatchError (keys, shapes, optimizer) stops at once."""
-    skipped = 0
+    that is incomplete, corrupt or non-finite is skipped, with a one-line message each. Returns (path,
+    weights, state). RunError (one line, with the newest reason) if none loads; a MismatchError (keys,
+    shapes, optimizer) stops at once."""
+    skipped = []
     for ckpt in _candidates(run_dir):
         try:
             weights, state = load_checkpoint(ckpt, optimizer, restore_rng, expect)
         except (CheckpointError, FileNotFoundError) as e:
-            print(f"skipping checkpoint: {e}", file=sys.stderr)
-            skipped += 1
+            skipped.append(_one_line(e))
             continue
+        for reason in skipped:
+            print(f"skipping checkpoint: {reason}", file=sys.stderr)
         print(f"resuming from {ckpt} (step {state['step']})")
         return ckpt, weights, state
-    raise RunError(f"--resume: nothing to resume, {Path(run_dir) / 'checkpoints'} holds "
-                   + (f"no checkpoint that loads ({skipped} skipped)" if skipped else "no checkpoint")
-                   + ": drop --resume to start a new run")
+    where = Path(run_dir) / "checkpoints"
+    if skipped:
+        raise RunError(f"--resume: nothing to resume, {where} holds no checkpoint that loads ({len(skipped)} "
+                       f"skipped; the newest: {skipped[0]}): start a new run with another --name")
+    raise RunError(f"--resume: nothing to resume, {where} holds no checkpoint: drop --resume to start a new run")

@@ -20,16 +20,17 @@ Run: python -c "import sd; help(sd.prepare_pipeline)"        (the script that us
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 import rewards
+import runio
 import shortcut
 import shortft
 
@@ -39,6 +40,9 @@ SHORTCUT_ADAPTER = "shortcut"
 """peft adapter name of the frozen shortcut LoRA."""
 LORA_JSON = "shortft.json"
 """The file next to tuned_1.safetensors … that says how the branches are used (LoRA points, grid)."""
+PIPELINE_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
+                  "scheduler/scheduler_config.json")
+"""What `load_components` reads from an SD1.5 pipeline folder."""
 
 
 # ----------------------------------------------------------------------------- components and prompts
@@ -52,14 +56,119 @@ def find_file(path: str | Path) -> Path:
 
 
 def load_prompts(path: str | Path) -> list[str]:
-    """Non-empty lines of a text file, '#' comments skipped. Missing or empty file: one-line error."""
+    """Non-empty lines of a UTF-8 text file, '#' comments skipped. A missing, empty, binary file or a folder: one-line
+    error."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"prompt file {str(path)!r} is a folder: pass a text file, one prompt per line")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist: write one prompt per line")
-    prompts = [p for p in (line.split("#", 1)[0].strip() for line in path.read_text().splitlines()) if p]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text: write one prompt per line") from None
+    prompts = [p for p in (line.split("#", 1)[0].strip() for line in text.splitlines()) if p]
     if not prompts:
         raise ValueError(f"prompt file {str(path)!r} has no prompts: write one prompt per line")
     return prompts
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (huggingface_hub's endpoint) accepts a TCP connection within `timeout` seconds."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url, ok = urlparse(constants.ENDPOINT), []
+
+    def probe():
+        try:
+            port = url.port or (443 if url.scheme == "https" else 80)
+            socket.create_connection((url.hostname, port), timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
+    thread.start()
+    thread.join(timeout)
+    return bool(ok)
+
+
+def hub_offline() -> bool:
+    """True when the hub is off limits: HF_HUB_OFFLINE is set, or the hub cannot be reached, in which case
+    HF_HUB_OFFLINE is set for this process, so that every later load reads the local cache at once instead of
+    retrying for minutes."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        constants.HF_HUB_OFFLINE = True
+    return constants.HF_HUB_OFFLINE
+
+
+def _looks_local(value: str) -> bool:
+    """A path rather than a hub id 'owner/name': starts with / . ~, has a backslash or more than one '/', or its first
+    part is an existing folder (models/sd15 with ./models present)."""
+    return value.startswith(("/", ".", "~")) or "\\" in value or value.count("/") > 1 \
+        or ("/" in value and Path(value.split("/", 1)[0]).expanduser().is_dir())
+
+
+def check_source(flag: str, value: str, needs: Sequence[str], what: str) -> None:
+    """ArgError (one line) unless `value` is a local folder holding every path of `needs`, or a hub id whose
+    `needs[0]` is in the local hub cache or can be downloaded now; no network round trip for a local path. `what`
+    names the kind of folder in the message (e.g. 'an SD1.5 pipeline folder')."""
+    path = Path(value).expanduser()
+    if path.exists():
+        runio.require(path.is_dir(), flag, value, f"is a file: pass {what}")
+        missing = [n for n in needs if not (path / n).exists()]
+        runio.require(not missing, flag, value, f"the folder has no {missing[0] if missing else ''}: pass {what}")
+        return
+    runio.require(not _looks_local(value), flag, value,
+                  f"the folder does not exist: pass {what}, or a hub id owner/name")
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise runio.ArgError(flag, value, f"no such folder, nor a hub id owner/name: pass {what}") from None
+    if isinstance(try_to_load_from_cache(value, needs[0]), str):
+        return
+    runio.require(not hub_offline(), flag, value, f"not in the local hub cache and the hub is offline: fetch it with "
+                                                  f"`hf download {value}`, or pass {what}")
+
+
+def check_shortcut(flag: str, value: str) -> None:
+    """ArgError (one line) unless `value` is a name of shortcut.SHORTCUTS whose file is cached or can be downloaded
+    now, or a readable .safetensors file with LoRA weights (whether they fit the UNet is checked once it is loaded)."""
+    spec = shortcut.SHORTCUTS.get(value)
+    if spec is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(spec.repo, spec.weight_name), str) or not hub_offline():
+            return
+        raise runio.ArgError(flag, value, f"not in the local hub cache and the hub is offline: fetch it with `hf "
+                                          f"download {spec.repo} {spec.weight_name}` and pass the file")
+    path = Path(value).expanduser()
+    runio.require(path.suffix == ".safetensors" or path.parent != Path(".") or path.exists(), flag, value,
+                  f"unknown shortcut {value!r}: choose from {', '.join(shortcut.SHORTCUTS)} or pass a .safetensors "
+                  "LoRA file")
+    runio.require(path.exists(), flag, value, "the file does not exist: pass a .safetensors LoRA file")
+    runio.require(path.is_file(), flag, value, "is a folder: pass a .safetensors LoRA file")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors' own error type, OSError, …: the file is not readable safetensors
+        raise runio.ArgError(flag, value, f"not a readable .safetensors file ({type(e).__name__}): pass a "
+                                          f"shortcut LoRA file") from None
+    runio.require(any("lora" in k.lower() for k in keys), flag, value,
+                  f"holds no LoRA weights ({len(keys)} tensors, e.g. {keys[0] if keys else 'none'}): pass a shortcut "
+                  f"LoRA file")
 
 
 def load_components(model: str, device="cpu", dtype=torch.float32) -> dict:
@@ -68,7 +177,7 @@ def load_components(model: str, device="cpu", dtype=torch.float32) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+    if _looks_local(model) and not Path(model).expanduser().is_dir():
         raise FileNotFoundError(f"model folder {model!r} does not exist: pass an SD1.5 pipeline folder or a hub id "
                                 f"such as stable-diffusion-v1-5/stable-diffusion-v1-5")
 
@@ -98,6 +207,12 @@ def latent_side(vae, resolution: int) -> int:
     return resolution // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def resolution_step(vae, unet) -> int:
+    """The image side must be a multiple of this: the VAE's downsampling 2^(levels − 1) times the UNet's
+    2^(blocks − 1) (SD1.5: 8 · 8 = 64; the tiny model: 2 · 2 = 4)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.block_out_channels) - 1)
+
+
 def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder, cache: dict) -> torch.Tensor:
     """CLIP text embeddings (B, 77, D), one text-encoder pass per distinct prompt ever seen (`cache`)."""
     missing = [p for p in dict.fromkeys(prompts) if p not in cache]
@@ -120,9 +235,11 @@ def add_tuned_loras(unet, n: int, rank: int = 128, alpha: float = 128.0,
     from peft import LoraConfig
 
     names = shortft.lora_names(n)
-    for name in names:
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                    target_modules=list(targets)), adapter_name=name)
+    with warnings.catch_warnings():  # peft warns that a further adapter is added: that is the design
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for name in names:
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                        target_modules=list(targets)), adapter_name=name)
     for p in lora_parameters(unet, names):
         p.data = p.data.float()
     set_trainable(unet, [])
@@ -230,49 +347,50 @@ def sample(c: dict, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence
 
 
 def save_grid(rows: Sequence[torch.Tensor], path: str | Path) -> None:
-    """PNG with one row of images per tensor (B, 3, H, W) in [0, 1], e.g. [base, tuned]."""
+    """PNG with one row of images per tensor (B, 3, H, W) in [0, 1], e.g. [base, tuned]; written atomically."""
     from PIL import Image
 
     grid = torch.cat([torch.cat(list(r), dim=-1) for r in rows], dim=-2)  # (3, rows·H, B·W)
-    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    png = io.BytesIO()
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(png, format="PNG")
+    runio.write_bytes(png.getvalue(), path)
 
 
 # ----------------------------------------------------------------------------- the saved model
 
 
-def save_lora(unet, out_dir: str | Path, grid: Sequence[int], points: Sequence[int] | None = None,
-              timestep_aware: bool = True, guidance: float = 7.5, **info) -> Path:
-    """Write the fine-tuned model to `out_dir` (replaced atomically): one diffusers-format LoRA file per branch,
-    `tuned_1.safetensors` …, each loadable with `pipe.load_lora_weights(out_dir, weight_name=…, adapter_name=…)`,
-    and `shortft.json` saying how they combine: the LoRA points, timestep_aware, the adapter names and the grid of
-    the sampler they were trained for (the model is `sample(…, points, timestep_aware)` on that grid). `info`
-    adds JSON fields (e.g. the method)."""
+def write_lora(unet, folder: str | Path, grid: Sequence[int], points: Sequence[int] | None = None,
+               timestep_aware: bool = True, guidance: float = 7.5, **info) -> None:
+    """Write the fine-tuned model's files into the existing folder `folder` (see `save_lora`)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     names = shortft.lora_names(shortft.num_loras(points, timestep_aware))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     for name in names:
         meta = unet.peft_config[name].to_dict()
         meta["target_modules"] = sorted(meta["target_modules"])
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=name))
-        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=f"{name}.safetensors",
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=f"{name}.safetensors",
                                                   unet_lora_adapter_metadata=meta)
     layout = dict(adapters=names, files=[f"{n}.safetensors" for n in names],
                   lora_points=None if points is None else [int(p) for p in points], timestep_aware=timestep_aware,
                   grid=[int(t) for t in grid], timestep_spacing="leading", guidance_scale=guidance, **info)
     lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in layout.items())  # one field per line
-    (tmp / LORA_JSON).write_text("{\n" + lines + "\n}\n")
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    (Path(folder) / LORA_JSON).write_text("{\n" + lines + "\n}\n")
+
+
+def save_lora(unet, out_dir: str | Path, grid: Sequence[int], points: Sequence[int] | None = None,
+              timestep_aware: bool = True, guidance: float = 7.5, **info) -> Path:
+    """Write the fine-tuned model to `out_dir`, replaced as a whole (`runio.atomic_folder`: a kill leaves the previous
+    copy or the new one, and MANIFEST.json lists each file's size and hash): one diffusers-format LoRA file per
+    branch, `tuned_1.safetensors` …, each loadable with `pipe.load_lora_weights(out_dir, weight_name=…,
+    adapter_name=…)`, and `shortft.json` saying how they combine: the LoRA points, timestep_aware, the adapter names
+    and the grid of the sampler they were trained for (the model is `sample(…, points, timestep_aware)` on that
+    grid). `info` adds JSON fields (e.g. the method)."""
+    with runio.atomic_folder(out_dir) as tmp:
+        write_lora(unet, tmp, grid, points, timestep_aware, guidance, **info)
+    return Path(out_dir)
 
 
 def read_lora_layout(lora_dir: str | Path) -> dict:

@@ -267,8 +267,21 @@ def load_shortcut_lora(unet: torch.nn.Module, file: str | Path, adapter_name: st
     state_dict, alphas = StableDiffusionPipeline.lora_state_dict(load_file(str(file)))
     if not any(k.startswith("unet.") for k in state_dict):
         raise ValueError(f"{file} holds no UNet LoRA weights (keys look like {next(iter(state_dict), None)!r})")
-    StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name=adapter_name)
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # weights it cannot place are an error below, not a warning
+    try:
+        StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name=adapter_name)
+    except (ValueError, RuntimeError) as e:  # peft: none of its modules is in this UNet, or other shapes
+        raise ValueError(f"{file} does not fit this UNet ({' '.join(str(e).split())[:200]})") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     params = [p for n, p in unet.named_parameters() if f".{adapter_name}." in n]
+    saved = sum(v.numel() for v in state_dict.values() if v.dim() > 0)
+    if sum(p.numel() for p in params) != saved:  # diffusers only warns about weights it could not place
+        raise ValueError(f"{file} does not fit this UNet: {saved - sum(p.numel() for p in params):,} of its {saved:,} "
+                         "LoRA weights belong to no module of it (a LoRA of another model?)")
     for p in params:
         p.requires_grad_(False)
     for layer in lora_layers(unet):

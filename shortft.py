@@ -598,7 +598,7 @@ class ChainArgs:
     draft_k: int = 1
     """DRaFT-K: K, steps with gradient at the end of the chain"""
     draft_lv_n: int = 2
-    """DRaFT-LV: re-noised copies n"""
+    """DRaFT-LV: re-noised copies n (at most N: each costs one gradient evaluation)"""
     alignprop_k_min: int = 1
     """AlignProp: smallest truncation length"""
     alignprop_k_max: int = 0
@@ -636,19 +636,47 @@ def chain_switches(args: ChainArgs, stage: int = 1) -> dict:
 
 
 def check_chain_args(args: ChainArgs) -> None:
-    """One-line errors for chain settings that cannot work, before any model is built: builds stage 1 and the last
-    stage of the method's chain on its grid."""
-    if args.method not in BUILDERS:
-        raise ValueError(f"--method {args.method}: unknown method; choose one of {', '.join(METHODS)}")
-    if not 1 <= args.num_steps <= 1000:
-        raise ValueError(f"--num-steps {args.num_steps}: must be in [1, 1000]")
+    """One-line errors `--flag VALUE: what is wrong` for chain settings that cannot work, before any model is built,
+    in field order: every switch against the grid (also the switches of methods other than `method`, which a
+    benchmark times with the same arguments), ShortFT's layout when the method is ShortFT, then the method's chain for
+    stage 1 and for its last stage."""
+
+    def check(name: str, test: Callable[[], object]) -> None:
+        try:
+            test()
+        except ValueError as e:
+            value = getattr(args, name)
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            raise ValueError(f"--{name.replace('_', '-')} {shown or '(empty)'}: {e}") from None
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(what)
+
+    check("method", lambda: need(args.method in BUILDERS, f"unknown method; choose one of {', '.join(METHODS)}"))
+    check("num_steps", lambda: need(1 <= args.num_steps <= 1000, "must be in [1, 1000]"))
     grid = ddim_timesteps(args.num_steps)
+    n = len(grid)
     points, aware = layout(args)
     if points is not None:
-        check_lora_points(points, grid)
-        stage_at(0.0, len(points), args.stage_fractions)
+        check("lora_points", lambda: check_lora_points(points, grid))
+        check("stage_fractions", lambda: stage_at(0.0, len(points), args.stage_fractions))
+        seg1 = len([t for t in grid if t >= points[0]])
+        check("segment1_grad_steps", lambda: need(1 <= args.segment1_grad_steps <= seg1,
+                                                  f"must be in [1, {seg1}] (segment 1 has {seg1} steps)"))
+    else:
+        check("stage_fractions", lambda: need(all(f > 0 for f in args.stage_fractions), "must be positive numbers"))
+        check("segment1_grad_steps", lambda: need(args.segment1_grad_steps >= 1, "must be ≥ 1"))
+    check("prefix", lambda: need(args.prefix in ("original", "shortcut"), "use 'original' or 'shortcut'"))
+    check("draft_k", lambda: draft_k(grid, args.draft_k))
+    check("draft_lv_n", lambda: need(1 <= args.draft_lv_n <= n, f"DRaFT-LV needs 1 ≤ n ≤ {n} re-noised copies (each "
+                                                                 "costs one gradient evaluation)"))
+    check("alignprop_k_min", lambda: need(1 <= args.alignprop_k_min <= n, f"AlignProp needs 1 ≤ k_min ≤ {n}"))
+    check("alignprop_k_max", lambda: alignprop(grid, args.alignprop_k_min, args.alignprop_k_max or None))
+    check("refl_last", lambda: refl(grid, args.refl_last))
+    check("drtune_k", lambda: drtune(grid, args.drtune_k))
     for stage in {1, num_loras(points, aware) if args.progressive else 1}:
-        make_chain(args.method, grid, random.Random(0), **chain_switches(args, stage))
+        check("method", lambda: make_chain(args.method, grid, random.Random(0), **chain_switches(args, stage)))
 
 
 # ----------------------------------------------------------------------------- update

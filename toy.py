@@ -86,6 +86,36 @@ class WorldArgs:
     """p of the per-jump loss weight (|b_{t→s}| + 0.1)^(−p): 0 = x-space, 2 = ε-space (shortcut.py)"""
 
 
+MAX_SIZE = 1 << 16
+"""Sanity bound of every count and width of the toy (batches, widths, ranks, modes): a larger value is a typo that
+would exhaust memory."""
+
+
+def check_world_args(w: WorldArgs) -> None:
+    """Every world setting that cannot work, in field order, before anything is pretrained or loaded: one line
+    `--flag VALUE: what to do` (runio.ArgError, a ValueError)."""
+    runio.require_range("world_seed", w.world_seed, 0, 2**32 - 1)
+    runio.check_writable_dir("--cache-dir", w.cache_dir)
+    runio.require_range("radius", w.radius, 0, 100, low_open=True)
+    runio.require_range("modes", w.modes, 1, 1024)
+    runio.require_range("classes", w.classes, 1, w.modes, what="a class is a sector of modes/classes modes")
+    runio.require(w.modes % w.classes == 0, "modes", w.modes, f"must be a multiple of --classes ({w.classes})")
+    runio.require_range("mode_std", w.mode_std, 0, w.radius, low_open=True)
+    runio.require_range("hidden", w.hidden, 1, 4096)
+    runio.require_range("depth", w.depth, 0, 64)
+    runio.require_range("pretrain_steps", w.pretrain_steps, 1)
+    runio.require_range("pretrain_batch", w.pretrain_batch, 1, MAX_SIZE)
+    runio.require_range("p_uncond", w.p_uncond, 0, 1)
+    runio.require_range("guidance", w.guidance, 0, 100)
+    runio.require_range("shortcut_rank", w.shortcut_rank, 1, 1024)
+    runio.require_range("distill_steps", w.distill_steps, 1)
+    runio.require_range("distill_pairs", w.distill_pairs, 1, 1 << 20)
+    runio.require_range("distill_batch", w.distill_batch, 1, MAX_SIZE)
+    runio.require_range("distill_chain_jumps", w.distill_chain_jumps, 0, 1)
+    runio.require_range("jvp_weight", w.jvp_weight, 0, 1e3)
+    runio.require_range("distill_weight_power", w.distill_weight_power, -10, 10)
+
+
 CACHE_VERSION = 3  # bump when the model or a cached stage changes
 BASE_FIELDS = ("world_seed", "radius", "modes", "classes", "mode_std", "hidden", "depth", "pretrain_steps",
                "pretrain_batch", "p_uncond")

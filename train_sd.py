@@ -18,11 +18,11 @@ Run: python train_sd.py --tiny        (CPU, under a minute: tiny random SD, 4 up
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,8 @@ class Args(shortft.ChainArgs):
     """Fine-tune Stable Diffusion 1.5 LoRA branches with ShortFT or a baseline (reward backpropagation)."""
 
     name: str = "sd"
-    """run folder: runs/<name>/ (args.json, metrics.jsonl, checkpoints/, lora/, eval PNG grids)"""
+    """run folder: runs/<name>/ (args.json, metrics.jsonl, checkpoints/, lora/, eval PNG grids); a new run refuses a
+    folder that holds another run's checkpoints (--resume it, or choose another name)"""
     out_dir: str = "runs"
     """parent folder of run folders"""
     tiny: bool = False
@@ -65,7 +66,8 @@ class Args(shortft.ChainArgs):
     eval_prompts: str = "prompts/eval.txt"
     """held-out prompts for evaluation"""
     resolution: int = 512
-    """image side in pixels (latents are resolution / 8)"""
+    """image side in pixels (latents are resolution / 8); a multiple of the model's VAE × UNet downsampling
+    (SD1.5: 64)"""
     steps: int = 200
     """optimizer updates (progressive stages are fractions of them)"""
     batch_size: int = 1
@@ -73,11 +75,11 @@ class Args(shortft.ChainArgs):
     grad_accum: int = 1
     """micro-batches per update"""
     lr: float = 3e-4
-    """AdamW learning rate of the LoRA branches"""
+    """AdamW learning rate of the LoRA branches (at most 1)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
-    """gradient clipping (≤ 0: none); NaN/inf updates are skipped either way"""
+    """gradient clipping (0: none); NaN/inf gradients, or weights an update makes NaN/inf, skip the update"""
     lora_rank: int = 128
     """rank r of each LoRA branch (paper: 128)"""
     lora_alpha: float = 128.0
@@ -105,12 +107,21 @@ class Args(shortft.ChainArgs):
     eval_batch: int = 4
     """images per sampler batch during evaluation"""
     save_every: int = 100
-    """checkpoint (LoRA + optimizer + RNG) every this many updates, and at the end"""
+    """checkpoint (LoRA + optimizer + RNG) every this many updates, and at the end (0: only at the end)"""
     resume: bool = False
-    """continue from the run folder's latest checkpoint (optimizer, update and RNG restored exactly)"""
+    """continue from the run folder's newest checkpoint that loads (optimizer, update and RNG restored exactly); the
+    settings of the model and the method (RESUME_KEYS) must be the saved run's"""
     log_with: str = ""
     """extra trackers through accelerate: tensorboard, wandb (metrics.jsonl is always written)"""
 
+
+RESUME_KEYS = tuple(f.name for f in dataclasses.fields(shortft.ChainArgs)) + (
+    "model", "reward", "clip_model", "shortcut", "shortcut_guidance", "shortcut_scale", "resolution", "lora_rank",
+    "lora_alpha", "lora_targets", "guidance", "seed")
+"""What --resume keeps: the settings that make the model, the LoRA branches and the method (a resumed run may
+change --steps, --lr, --batch-size, --save-every, …)."""
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive")
+"""--log-with values (accelerate trackers), each the name of the package it needs (tensorboard: or tensorboardX)."""
 
 TINY = dict(resolution=32, steps=4, eval_every=0, eval_samples=4, save_every=2, name="sd-tiny", lora_rank=4,
             lora_alpha=4.0)
@@ -118,33 +129,96 @@ TINY = dict(resolution=32, steps=4, eval_every=0, eval_samples=4, save_every=2, 
 
 
 def check_args(args: Args) -> None:
-    """Fail early, in one line, on settings and names that cannot work."""
+    """Every argument, in field order, before any model is built or downloaded: one line `--flag VALUE: what to do`
+    (a ValueError). Local paths are checked without any network round trip; a hub id must be in the local cache or
+    the hub reachable (if it is not, the process goes offline: see sd.hub_offline)."""
+    import importlib.util
+
     shortft.check_chain_args(args)
-    for name, _ in rewards.parse_reward_spec(args.reward):
-        if name not in rewards.REWARDS:
-            raise ValueError(f"unknown reward {name!r}: choose from {', '.join(sorted(rewards.REWARDS))}")
-    if args.mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"unknown mixed precision {args.mixed_precision!r}: use no, bf16 or fp16")
-    if args.steps < 1 or args.lora_rank < 1 or not args.lora_targets:
-        raise ValueError("--steps and --lora-rank must be ≥ 1 and --lora-targets must name at least one module")
+    runio.check_run_name(args.name, out_flag="--out-dir")
+    runio.check_writable_dir("--out-dir", args.out_dir)
+    if args.tiny_dir:
+        runio.check_writable_dir("--tiny-dir", args.tiny_dir)
+    default = Args()
+    if not args.tiny or args.model != default.model:  # --tiny builds its own model unless one is given
+        sd.check_source("model", args.model, sd.PIPELINE_FILES, "an SD1.5 pipeline folder (unet/, vae/, …)")
+    images = [n for n in rewards.REWARDS if n not in rewards.TOY_REWARDS]
+    runio.check_arg("reward", args.reward, rewards.check_reward_spec, args.reward, images)
+    if args.clip_model is not None:
+        sd.check_source("clip_model", args.clip_model, ("config.json",), "a CLIP model folder (config.json, …)")
+    if args.method == "shortft" and (not args.tiny or args.shortcut != default.shortcut):
+        sd.check_shortcut("shortcut", args.shortcut)
+    if args.shortcut_guidance is not None:
+        runio.require_range("shortcut_guidance", args.shortcut_guidance, 0, 100)
+    if args.shortcut_scale is not None:
+        runio.require_range("shortcut_scale", args.shortcut_scale, 0, 10, low_open=True)
+    for flag in ("train_prompts", "eval_prompts"):
+        runio.check_arg(flag, getattr(args, flag), sd.load_prompts, sd.find_file(getattr(args, flag)))
+    runio.require_range("resolution", args.resolution, 8, 4096)
+    runio.require(args.resolution % 8 == 0, "resolution", args.resolution, "must be a multiple of 8 (SD1.5: of 64)")
+    runio.require_range("steps", args.steps, 1)
+    runio.require_range("batch_size", args.batch_size, 1, 1024, what="for more, use --grad-accum")
+    runio.require_range("grad_accum", args.grad_accum, 1)
+    runio.require_range("lr", args.lr, 0, 1, low_open=True, what="Adam moves each weight by about lr per update")
+    runio.require_range("weight_decay", args.weight_decay, 0, 1)
+    runio.require_range("max_grad_norm", args.max_grad_norm, 0, what="0: no clipping")
+    runio.require_range("lora_rank", args.lora_rank, 1, 4096)
+    runio.require_range("lora_alpha", args.lora_alpha, 0, 1e4, low_open=True)
+    runio.require(bool(args.lora_targets) and all(args.lora_targets), "lora_targets", args.lora_targets,
+                  f"name at least one UNet module, e.g. {' '.join(sd.LORA_TARGETS)}")
+    runio.require_range("guidance", args.guidance, 0, 100)
+    runio.require(args.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", args.mixed_precision,
+                  "use no, bf16 or fp16")
+    runio.require_range("seed", args.seed, 0, 2**32 - 1)
+    runio.require_range("eval_every", args.eval_every, 0, what="0: only at the end")
+    runio.require_range("eval_samples", args.eval_samples, 1)
+    runio.require_range("eval_batch", args.eval_batch, 1, 1024)
+    runio.require_range("save_every", args.save_every, 0, what="0: only at the end")
+    if args.log_with:
+        runio.require(args.log_with in TRACKERS, "log_with", args.log_with, f"use one of {', '.join(TRACKERS)}")
+        found = any(importlib.util.find_spec(m) for m in ((args.log_with, "tensorboardX")
+                                                          if args.log_with == "tensorboard" else (args.log_with,)))
+        runio.require(found, "log_with", args.log_with, f"the package is not installed: pip install {args.log_with}")
+    if not args.tiny:
+        sd.hub_offline()  # the rewards' hub models are loaded later: offline at once if the hub is unreachable
 
 
-def apply_tiny(args: Args) -> Args:
-    """--tiny: build tiny SD, CLIP and shortcut files under runs/<name>/tiny/ and point the args at them."""
+def check_model(args: Args, unet, vae) -> None:
+    """What can only be checked against the loaded model, before training starts: the resolution against the VAE's
+    and the UNet's downsampling, and that every --lora-targets name is a module of the UNet (peft's rule: the name or
+    its last dotted parts)."""
+    step = sd.resolution_step(vae, unet)
+    runio.require(args.resolution % step == 0, "resolution", args.resolution,
+                  f"must be a multiple of {step} for this model (its VAE's and UNet's downsampling)")
+    modules = [n for n, _ in unet.named_modules()]
+    missing = [t for t in args.lora_targets if not any(n == t or n.endswith("." + t) for n in modules)]
+    runio.require(not missing, "lora_targets", args.lora_targets,
+                  f"no UNet module is named {missing[0] if missing else ''!r}: e.g. {' '.join(sd.LORA_TARGETS)}")
+
+
+def apply_tiny(args: Args, build: bool = True) -> Args:
+    """--tiny: point the args at tiny SD, CLIP and shortcut files under runs/<name>/tiny/ (or --tiny-dir), built there
+    unless they exist (build=False: only the paths)."""
     import tiny
 
     defaults = Args()
     keep = lambda k: getattr(args, k) != getattr(defaults, k)  # noqa: E731
     args = dataclasses.replace(args, **{k: v for k, v in TINY.items() if not keep(k)})
     root = Path(args.tiny_dir) if args.tiny_dir else Path(args.out_dir) / args.name / "tiny"
-    model = tiny.tiny_sd(root / "sd")
-    if not (root / "clip" / "config.json").is_file():
-        tiny.tiny_clip(root / "clip")
-    sc = root / "shortcut_lora.safetensors"
-    if not sc.is_file():
-        tiny.tiny_shortcut_lora(sc, model / "unet")
+    model, sc = root / "sd", root / "shortcut_lora.safetensors"
+    if build:
+        tiny.tiny_sd(model)
+        if not (root / "clip" / "config.json").is_file():
+            tiny.tiny_clip(root / "clip")
+        if not sc.is_file():
+            tiny.tiny_shortcut_lora(sc, model / "unet")
     tiny_files = dict(model=str(model), reward="clipscore", clip_model=str(root / "clip"), shortcut=str(sc))
     return dataclasses.replace(args, **{k: v for k, v in tiny_files.items() if not keep(k)})
+
+
+def user_error(e: Exception) -> runio.RunError:
+    """A one-line error about something the user passed (a file, a folder, a hub id) as a RunError for `runio.cli`."""
+    return runio.RunError(" ".join(str(e).split()))
 
 
 def guarded_update(accelerator, optimizer, params, max_grad_norm: float) -> tuple[bool, float]:
@@ -167,19 +241,31 @@ def main(args: Args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one progress bar to watch: the updates'
 
     # x86 CPUs run 10-100x slower on denormal floats, which random tiny models produce in abundance. The flag is
     # per thread and worker threads copy it when they start, so it is set before any parallel work.
     torch.set_flush_denormal(True)
     check_args(args)
     if args.tiny:
-        args = apply_tiny(args)
+        args = apply_tiny(args, build=False)
     args = dataclasses.replace(args, train_prompts=str(sd.find_file(args.train_prompts)),
                                eval_prompts=str(sd.find_file(args.eval_prompts)))
     run_dir = Path(args.out_dir) / args.name
+    if args.resume:  # before anything is built or written: something to resume, made with these settings
+        runio.check_resume(run_dir, args, RESUME_KEYS)
+    else:
+        runio.check_fresh(run_dir, "--name")
+    if args.tiny:
+        apply_tiny(args)
     train_prompts, eval_prompts = sd.load_prompts(args.train_prompts), sd.load_prompts(args.eval_prompts)
     eval_prompts = eval_prompts[: args.eval_samples]
-    sc_file, sc_spec = shortcut.resolve_shortcut(args.shortcut) if args.method == "shortft" else (None, None)
+    try:
+        sc_file, sc_spec = shortcut.resolve_shortcut(args.shortcut) if args.method == "shortft" else (None, None)
+    except (OSError, ValueError) as e:
+        raise user_error(e) from None
     points, aware = shortft.layout(args)
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
@@ -188,8 +274,12 @@ def main(args: Args) -> dict:
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     set_seed(args.seed + accelerator.process_index)  # python, numpy, torch: every draw below comes from these
 
-    c = sd.load_components(args.model, device, dtype)
+    try:
+        c = sd.load_components(args.model, device, dtype)
+    except (OSError, ValueError) as e:
+        raise user_error(e) from None
     unet, vae, tok, te = c["unet"], c["vae"], c["tokenizer"], c["text_encoder"]
+    check_model(args, unet, vae)
     schedule = shortft.schedule_from_diffusers(c["scheduler"].config)
     grid = sd.ddim_grid(c["scheduler"], args.num_steps)
     sc_guidance = 0.0
@@ -199,7 +289,10 @@ def main(args: Args) -> dict:
                   f"ShortFT assumes it lands where the {args.num_steps}-step chain lands", file=sys.stderr)
         sc_scale = sc_spec.lora_scale if args.shortcut_scale is None else args.shortcut_scale
         sc_guidance = sc_spec.guidance if args.shortcut_guidance is None else args.shortcut_guidance
-        shortcut.load_shortcut_lora(unet, sc_file, sd.SHORTCUT_ADAPTER, sc_scale)
+        try:
+            shortcut.load_shortcut_lora(unet, sc_file, sd.SHORTCUT_ADAPTER, sc_scale)
+        except (OSError, ValueError) as e:
+            raise runio.ArgError("shortcut", args.shortcut, " ".join(str(e).split())) from None
     names = sd.add_tuned_loras(unet, shortft.num_loras(points, aware), args.lora_rank, args.lora_alpha,
                                args.lora_targets)
     lora_params = sd.lora_parameters(unet, names)
@@ -210,17 +303,19 @@ def main(args: Args) -> dict:
         vae.to(memory_format=torch.channels_last)
     layers = shortcut.lora_layers(unet)
     forward_unet = torch.compile(unet) if args.compile else unet
-    reward = rewards.make_reward(args.reward, device=device, dtype=dtype,
-                                 **({"clip_model": args.clip_model} if args.clip_model else {}))
+    try:
+        reward = rewards.make_reward(args.reward, device=device, dtype=dtype,
+                                     **({"clip_model": args.clip_model} if args.clip_model else {}))
+    except (OSError, ValueError, ImportError) as e:
+        raise user_error(e) from None
     # one optimizer over every branch: AdamW skips the parameters a stage leaves without gradient
     optimizer = accelerator.prepare(torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay))
     cache: dict[str, torch.Tensor] = {}
     uncond = sd.encode_prompts([""], tok, te, cache)
 
     step, skipped = 0, 0
-    ckpt = runio.latest_checkpoint(run_dir) if args.resume else None
-    if ckpt is not None:
-        weights, state = runio.load_checkpoint(ckpt, optimizer.optimizer)
+    if args.resume:  # the newest checkpoint that loads, with exactly this run's LoRA keys and shapes
+        _, weights, state = runio.resume_checkpoint(run_dir, optimizer.optimizer, expect=sd.lora_weights(unet, names))
         named = dict(unet.named_parameters())
         with torch.no_grad():
             for n, w in weights.items():
@@ -230,6 +325,13 @@ def main(args: Args) -> dict:
             set_seed(args.seed + 1000 * step + accelerator.process_index)
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = run_dir / "metrics.jsonl"
+        if args.resume:  # rows logged after the checkpoint are logged again
+            rows = metrics_file.read_text().splitlines(True) if metrics_file.is_file() else []
+            rows = [r for r in rows if r.endswith("\n") and json.loads(r).get("update", 0) <= step]  # not a torn one
+            runio.write_text("".join(rows), metrics_file)
+        else:
+            metrics_file.unlink(missing_ok=True)
         runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
         if args.log_with:
             accelerator.init_trackers(args.name, config={k: str(v) for k, v in dataclasses.asdict(args).items()})
@@ -267,14 +369,15 @@ def main(args: Args) -> dict:
 
     lora_kw = dict(grid=grid, points=points, timestep_aware=aware, guidance=args.guidance, method=args.method)
 
-    def save():
-        tmp = Path(tempfile.mkdtemp(prefix=".lora.", dir=run_dir))
-        sd.save_lora(unet, tmp / "lora", **lora_kw)  # the checkpoint folder is a LoRA folder too
+    def save():  # checkpoint step_N: the LoRA folder's files (as runs/<name>/lora) + optimizer + RNG
+        tmp = run_dir / ".checkpoint-lora.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        sd.write_lora(unet, tmp, **lora_kw)
         state = {"skipped": skipped, "stage": stage, "args": dataclasses.asdict(args)}
         runio.save_checkpoint(run_dir, step, sd.lora_weights(unet, names), optimizer.optimizer, state,
-                              {f.name: f for f in (tmp / "lora").iterdir()})
+                              {f.name: f for f in tmp.iterdir()})
         shutil.rmtree(tmp)
-        sd.save_lora(unet, run_dir / "lora", **lora_kw)
 
     side = sd.latent_side(vae, args.resolution)
     last_eval, stage, params = None, None, []
@@ -319,23 +422,18 @@ def main(args: Args) -> dict:
                 accelerator.log(metrics, step=step)
             if args.eval_every and step % args.eval_every == 0:
                 last_eval = evaluate()
-            if step % args.save_every == 0 or step == args.steps:
+            if (args.save_every and step % args.save_every == 0) or step == args.steps:
                 save()
         t0 = time.perf_counter()
     bar.close()
     if main_proc:
         if last_eval is None or last_eval["update"] != step:
             last_eval = evaluate()
-        if not (run_dir / "lora").is_dir():
-            save()
+        sd.save_lora(unet, run_dir / "lora", **lora_kw)  # always rewritten, as a whole (runio.atomic_folder)
         print(f"LoRA: {run_dir / 'lora'} (sd.load_lora, or sd.prepare_pipeline for a stock StableDiffusionPipeline)")
     accelerator.end_training()
     return {"run_dir": run_dir, "update": step, "skipped": skipped, "eval": last_eval, "args": args}
 
 
 if __name__ == "__main__":
-    try:
-        main(runio.parse_args(Args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runio.cli(main, Args, check_args)

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import random
-import sys
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,8 @@ class Args(toy.WorldArgs, shortft.ChainArgs):
     """Fine-tune the 2D toy diffusion with one reward-backpropagation method (ShortFT or a baseline)."""
 
     name: str = ""
-    """run folder: <out-dir>/<name>/ (args.json, metrics.jsonl, checkpoints/, lora.safetensors); empty: toy-<method>"""
+    """run folder: <out-dir>/<name>/ (args.json, metrics.jsonl, checkpoints/, lora.safetensors); empty: toy-<method>.
+    A new run refuses a folder that holds another run's checkpoints (--resume it, or choose another name)"""
     out_dir: str = "runs"
     """parent of run folders"""
     seed: int = 0
@@ -47,9 +48,9 @@ class Args(toy.WorldArgs, shortft.ChainArgs):
     """reward spec (rewards.py, toy names: region, quality, class_agreement, class_shift, mode_shift; 'a:1,b:2'
     sums them): the default pulls every class into a disc at the top mode while keeping samples on the ring"""
     lr: float = 1e-3
-    """Adam learning rate of the trainable LoRA branches"""
+    """Adam learning rate of the trainable LoRA branches (at most 1)"""
     max_grad_norm: float = 1.0
-    """clip the gradient norm (NaN/inf gradients skip the update instead)"""
+    """clip the gradient norm (0: no clipping); NaN/inf gradients, or weights an update makes NaN/inf, skip it"""
     lora_rank: int = 4
     """rank of each trainable LoRA branch"""
     lora_alpha: float = 4.0
@@ -68,26 +69,43 @@ class Args(toy.WorldArgs, shortft.ChainArgs):
     save_every: int = 0
     """save a checkpoint every this many updates (0: only at the end)"""
     resume: bool = False
-    """continue from the run folder's latest checkpoint (bit-exact with --budget-unit updates)"""
+    """continue from the run folder's newest checkpoint that loads (bit-exact with --budget-unit updates); the
+    settings of the model and the method (RESUME_KEYS) must be the saved run's"""
     threads: int = 1
     """torch CPU threads (one is as fast for this small MLP, and robust on a shared machine)"""
 
 
+RESUME_KEYS = tuple(f.name for f in dataclasses.fields(shortft.ChainArgs)) + \
+    tuple(f.name for f in dataclasses.fields(toy.WorldArgs) if f.name != "cache_dir") + \
+    ("seed", "reward", "lora_rank", "lora_alpha", "budget_unit")
+"""What --resume keeps: the settings that make the model, the LoRA branches and the method (a resumed run may
+change --lr, --batch-size, --budget, --evals, …)."""
+
+
 def check_args(args: Args) -> None:
-    """One-line ValueError for arguments that cannot work, before anything is built."""
-    if args.num_steps != toy.NUM_STEPS:
-        raise ValueError(f"--num-steps {args.num_steps}: the toy world runs SD1.5's {toy.NUM_STEPS}-step grid "
-                         f"(its shortcut is distilled on it)")
+    """Every argument, in field order, before anything is built: one line `--flag VALUE: what to do` (a ValueError)."""
+    if args.method in shortft.METHODS:
+        runio.require(args.num_steps == toy.NUM_STEPS, "num_steps", args.num_steps,
+                      f"the toy world runs SD1.5's {toy.NUM_STEPS}-step grid (its shortcut is distilled on it)")
     shortft.check_chain_args(args)
-    for name, _ in rewards.parse_reward_spec(args.reward):
-        if name not in rewards.REWARDS:
-            raise ValueError(f"--reward: unknown reward {name!r}; choose from {', '.join(sorted(rewards.REWARDS))}")
-    if args.budget_unit not in (*CLOCKS, "updates"):
-        raise ValueError(f"--budget-unit {args.budget_unit}: use cpu_seconds, seconds or updates")
-    if args.budget <= 0 or args.evals < 1 or args.batch_size < 1 or args.eval_batch < 2:
-        raise ValueError("--budget, --evals, --batch-size must be positive and --eval-batch at least 2")
-    if args.modes % args.classes:
-        raise ValueError(f"--modes ({args.modes}) must be a multiple of --classes ({args.classes})")
+    toy.check_world_args(args)
+    if args.name:
+        runio.check_run_name(args.name, out_flag="--out-dir")
+    runio.check_writable_dir("--out-dir", args.out_dir)
+    runio.require_range("seed", args.seed, 0, 2**32 - 1)
+    runio.check_arg("reward", args.reward, rewards.check_reward_spec, args.reward, rewards.TOY_REWARDS)
+    runio.require_range("lr", args.lr, 0, 1, low_open=True, what="Adam moves each weight by about lr per update")
+    runio.require_range("max_grad_norm", args.max_grad_norm, 0, what="0: no clipping")
+    runio.require_range("lora_rank", args.lora_rank, 1, 1024)
+    runio.require_range("lora_alpha", args.lora_alpha, 0, 1e4, low_open=True)
+    runio.require_range("batch_size", args.batch_size, 1, toy.MAX_SIZE)
+    runio.require_range("budget", args.budget, 0, low_open=True)
+    runio.require(args.budget_unit in (*CLOCKS, "updates"), "budget_unit", args.budget_unit,
+                  "use cpu_seconds, seconds or updates")
+    runio.require_range("evals", args.evals, 1)
+    runio.require_range("eval_batch", args.eval_batch, 2, toy.MAX_SIZE)
+    runio.require_range("save_every", args.save_every, 0, what="0: only at the end")
+    runio.require_range("threads", args.threads, 1, os.cpu_count() or 1, what="at most this machine's CPU cores")
 
 
 def set_trainable(world: toy.Toy, stage: int) -> tuple[int, ...]:
@@ -102,9 +120,12 @@ def set_trainable(world: toy.Toy, stage: int) -> tuple[int, ...]:
 
 def train(args: Args, log=print) -> dict:
     """Fine-tune one method for `args.budget`; writes the run folder and returns its summary (final evaluation,
-    updates, seconds per update, the evaluation rows)."""
+    updates, seconds per update, the evaluation rows). A new run (not --resume) replaces whatever run the folder held,
+    checkpoints included; the command line (`run`) refuses such a folder instead."""
     torch.set_num_threads(args.threads)
-    run_dir = Path(args.out_dir) / (args.name or f"toy-{args.method}")
+    run_dir = run_folder(args)
+    if args.resume:  # before anything is built or written: something to resume, made with these settings
+        runio.check_resume(run_dir, args, RESUME_KEYS)
     points, aware = shortft.layout(args)
     world = toy.build_toy(args, points, aware, args.lora_rank, args.lora_alpha, args.seed)
     names, params = world.names, world.tuned_params()
@@ -114,22 +135,21 @@ def train(args: Args, log=print) -> dict:
     torch.manual_seed(args.seed)
     chain_rng = random.Random(args.seed)
     state = {"update": 0, "spent": 0.0, "skipped": 0, "evals": 0}
-    ckpt = runio.latest_checkpoint(run_dir) if args.resume else None
-    if ckpt is not None:  # weights, optimizer, torch/python/numpy RNGs, loop state, chain RNG
-        weights, saved = runio.load_checkpoint(ckpt, opt)
+    if args.resume:  # weights, optimizer, torch/python/numpy RNGs, loop state, chain RNG
+        ckpt, weights, saved = runio.resume_checkpoint(run_dir, opt, expect=world.tuned_state())
         world.load_tuned_state(weights)
         state = {k: saved[k] for k in state}
         version, internal, gauss = saved["chain_rng"]
         chain_rng.setstate((version, tuple(internal), gauss))
         rows = [r for r in read_metrics(run_dir) if r["update"] <= state["update"]]  # drop rows after the checkpoint
-        (run_dir / "metrics.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(run_dir / "metrics.jsonl.tmp", run_dir / "metrics.jsonl")
+        runio.write_text("".join(json.dumps(r) + "\n" for r in rows), run_dir / "metrics.jsonl")
         log(f"resumed from {ckpt} at update {state['update']}")
     else:
-        if run_dir.exists():
-            for old in ("metrics.jsonl", "lora.safetensors"):
-                (run_dir / old).unlink(missing_ok=True)
-        runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        for old in ("metrics.jsonl", "lora.safetensors"):
+            (run_dir / old).unlink(missing_ok=True)
+    runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
     base_reward = reward_fn(toy.sample(world, x_eval, c_eval, shortft.BASE), c_eval).mean().item()
     grad_evals = {s: shortft.chain_cost(shortft.make_chain(args.method, world.grid, random.Random(0),
                                                            **shortft.chain_switches(args, s)))["grad"]
@@ -197,22 +217,31 @@ def train(args: Args, log=print) -> dict:
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl (training rows and evaluation rows)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    lines = path.read_text().splitlines(True) if path.is_file() else []
+    return [json.loads(line) for line in lines if line.endswith("\n")]  # not a last line torn by a kill
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = runio.parse_args(Args, argv)
-    try:
-        check_args(args)
-    except ValueError as e:  # bad arguments: one line, exit status 2, no traceback
-        print(f"train_toy.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def run_folder(args: Args) -> Path:
+    """<out-dir>/<name>, the name defaulting to toy-<method>."""
+    return Path(args.out_dir) / (args.name or f"toy-{args.method}")
+
+
+def run(args: Args) -> dict:
+    """The command line's run, with checked arguments: a new run refuses a folder that holds another run's checkpoints
+    (pass --resume, or choose another --name); train, then print the summary line."""
+    if not args.resume:
+        runio.check_fresh(run_folder(args), "--name")
     out = train(args)
     f = out["final"]
     print(f"{args.method}: {out['updates']} updates in {out['spent']:.1f} {args.budget_unit} "
           f"({out['skipped']} skipped); held-out reward {f['eval/reward_mean']:.3f} ± {f['eval/reward_std']:.3f} "
           f"(base {f['eval/base_reward_mean']:.3f}), ring quality {f['eval/quality_mean']:.2f}; {out['run_dir']}")
     return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command line: bad arguments, and runs that cannot be resumed, end in one line and exit status 2."""
+    return runio.cli(run, Args, check_args, argv)
 
 
 if __name__ == "__main__":

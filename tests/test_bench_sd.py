@@ -57,7 +57,7 @@ def test_bench_stage_schedule_weights(tmp_path):
 def test_bench_bad_input():
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         bench_sd.main(bench_sd.Args(tiny=True, device="cpu", methods=["nope"]))
-    with pytest.raises(ValueError, match="--method is not used"):
+    with pytest.raises(ValueError, match="--method full: is not used by the benchmark"):
         bench_sd.main(bench_sd.Args(tiny=True, device="cpu", method="full"))
     with pytest.raises(ValueError, match="not on the 10-step grid"):
         bench_sd.main(bench_sd.Args(tiny=True, device="cpu", num_steps=10))

@@ -157,6 +157,7 @@ def test_resume_is_bit_exact_across_stage_boundaries(cache, tmp_path, method, re
     part = tmp_path / "part" / "checkpoints"
     part.mkdir(parents=True)
     shutil.copytree(tmp_path / "whole" / "checkpoints" / f"step_{resume_from:07d}", part / f"step_{resume_from:07d}")
+    shutil.copy(tmp_path / "whole" / "args.json", tmp_path / "part" / "args.json")
     resumed = train_toy.train(train_toy.Args(name="part", resume=True, **kw), log=lambda *a: None)
     a, b = (runio.load_tensors(tmp_path / n / "lora.safetensors") for n in ("whole", "part"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
