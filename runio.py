@@ -283,6 +283,19 @@ def write_bytes(data: bytes, path: str | Path) -> None:
     _write_atomic(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a metrics file (one JSON object a line); a last line torn by a kill is left out."""
+    path = Path(path)
+    lines = path.read_text().splitlines(True) if path.is_file() else []
+    return [json.loads(line) for line in lines if line.endswith("\n")]
+
+
+def keep_jsonl_until(path: str | Path, update: int) -> None:
+    """On resume: keep only the records logged up to `update` (later ones are logged again), atomically."""
+    rows = [r for r in read_jsonl(path) if r.get("update", 0) <= update]
+    write_text("".join(json.dumps(r) + "\n" for r in rows), path)
+
+
 def append_jsonl(obj: dict, path: str | Path) -> None:
     """Append one metrics record (a line of JSON); a last line torn by a kill is cut off first."""
     line = (json.dumps(obj, default=_jsonable) + "\n").encode()

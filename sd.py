@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -457,3 +458,34 @@ def prepare_pipeline(pipe, lora_dir: str | Path) -> dict:
 
     activate(grid[0])
     return dict(num_inference_steps=len(grid), guidance_scale=layout["guidance_scale"], callback_on_step_end=switch)
+
+
+# ----------------------------------------------------------------------------- training helpers
+
+
+def check_model(unet, vae, resolution: int, lora_targets) -> None:
+    """What can only be checked against the loaded model, before training starts: the resolution against the VAE's
+    and the UNet's downsampling, and that every LoRA target names a module of the UNet (peft's rule: the name or its
+    last dotted parts). One-line `--flag VALUE: …` errors."""
+    step = resolution_step(vae, unet)
+    runio.require(resolution % step == 0, "resolution", resolution,
+                  f"must be a multiple of {step} for this model (its VAE's and UNet's downsampling)")
+    modules = [n for n, _ in unet.named_modules()]
+    missing = [t for t in lora_targets if not any(n == t or n.endswith("." + t) for n in modules)]
+    runio.require(not missing, "lora_targets", lora_targets,
+                  f"no UNet module is named {missing[0] if missing else ''!r}: e.g. {' '.join(LORA_TARGETS)}")
+
+
+def guarded_update(accelerator, optimizer, params, max_grad_norm: float) -> tuple[bool, float]:
+    """`shortft.guarded_step` under accelerate: gradients averaged over processes and unscaled (fp16) first; a
+    NaN/inf gradient is dropped and lowers the fp16 loss scale. Returns (applied, norm before clipping)."""
+    if accelerator.num_processes > 1:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+    accelerator.unscale_gradients()
+    applied, norm = shortft.guarded_step(optimizer, params, max_grad_norm)
+    if not math.isfinite(norm) and accelerator.scaler is not None:
+        accelerator.scaler.update()  # optimizer.step(), which updates the scale, was skipped
+    return applied, norm

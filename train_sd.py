@@ -18,8 +18,6 @@ Run: python train_sd.py --tiny        (CPU, under a minute: tiny random SD, 4 up
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import random
 import shutil
 import sys
@@ -183,19 +181,6 @@ def check_args(args: Args) -> None:
         sd.hub_offline()  # the rewards' hub models are loaded later: offline at once if the hub is unreachable
 
 
-def check_model(args: Args, unet, vae) -> None:
-    """What can only be checked against the loaded model, before training starts: the resolution against the VAE's
-    and the UNet's downsampling, and that every --lora-targets name is a module of the UNet (peft's rule: the name or
-    its last dotted parts)."""
-    step = sd.resolution_step(vae, unet)
-    runio.require(args.resolution % step == 0, "resolution", args.resolution,
-                  f"must be a multiple of {step} for this model (its VAE's and UNet's downsampling)")
-    modules = [n for n, _ in unet.named_modules()]
-    missing = [t for t in args.lora_targets if not any(n == t or n.endswith("." + t) for n in modules)]
-    runio.require(not missing, "lora_targets", args.lora_targets,
-                  f"no UNet module is named {missing[0] if missing else ''!r}: e.g. {' '.join(sd.LORA_TARGETS)}")
-
-
 def apply_tiny(args: Args, build: bool = True) -> Args:
     """--tiny: point the args at tiny SD, CLIP and shortcut files under runs/<name>/tiny/ (or --tiny-dir), built there
     unless they exist (build=False: only the paths)."""
@@ -219,21 +204,6 @@ def apply_tiny(args: Args, build: bool = True) -> Args:
 def user_error(e: Exception) -> runio.RunError:
     """A one-line error about something the user passed (a file, a folder, a hub id) as a RunError for `runio.cli`."""
     return runio.RunError(" ".join(str(e).split()))
-
-
-def guarded_update(accelerator, optimizer, params, max_grad_norm: float) -> tuple[bool, float]:
-    """`shortft.guarded_step` under accelerate: gradients averaged over processes and unscaled (fp16) first; a
-    NaN/inf gradient is dropped and lowers the fp16 loss scale. Returns (applied, norm before clipping)."""
-    if accelerator.num_processes > 1:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
-    accelerator.unscale_gradients()
-    applied, norm = shortft.guarded_step(optimizer, params, max_grad_norm)
-    if not math.isfinite(norm) and accelerator.scaler is not None:
-        accelerator.scaler.update()  # optimizer.step(), which updates the scale, was skipped
-    return applied, norm
 
 
 def main(args: Args) -> dict:
@@ -279,7 +249,7 @@ def main(args: Args) -> dict:
     except (OSError, ValueError) as e:
         raise user_error(e) from None
     unet, vae, tok, te = c["unet"], c["vae"], c["tokenizer"], c["text_encoder"]
-    check_model(args, unet, vae)
+    sd.check_model(unet, vae, args.resolution, args.lora_targets)
     schedule = shortft.schedule_from_diffusers(c["scheduler"].config)
     grid = sd.ddim_grid(c["scheduler"], args.num_steps)
     sc_guidance = 0.0
@@ -327,9 +297,7 @@ def main(args: Args) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = run_dir / "metrics.jsonl"
         if args.resume:  # rows logged after the checkpoint are logged again
-            rows = metrics_file.read_text().splitlines(True) if metrics_file.is_file() else []
-            rows = [r for r in rows if r.endswith("\n") and json.loads(r).get("update", 0) <= step]  # not a torn one
-            runio.write_text("".join(rows), metrics_file)
+            runio.keep_jsonl_until(metrics_file, step)
         else:
             metrics_file.unlink(missing_ok=True)
         runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
@@ -407,7 +375,7 @@ def main(args: Args) -> dict:
             accelerator.backward(loss)
             if not accelerator.sync_gradients:
                 continue
-            applied, norm = guarded_update(accelerator, optimizer, params, args.max_grad_norm)
+            applied, norm = sd.guarded_update(accelerator, optimizer, params, args.max_grad_norm)
         skipped += not applied
         step += 1
         bar.update(1)

@@ -15,7 +15,6 @@ Run: python train_toy.py --method shortft --budget 10       (writes runs/toy-sho
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import shutil
@@ -141,8 +140,7 @@ def train(args: Args, log=print) -> dict:
         state = {k: saved[k] for k in state}
         version, internal, gauss = saved["chain_rng"]
         chain_rng.setstate((version, tuple(internal), gauss))
-        rows = [r for r in read_metrics(run_dir) if r["update"] <= state["update"]]  # drop rows after the checkpoint
-        runio.write_text("".join(json.dumps(r) + "\n" for r in rows), run_dir / "metrics.jsonl")
+        runio.keep_jsonl_until(run_dir / "metrics.jsonl", state["update"])  # rows after the checkpoint come again
         log(f"resumed from {ckpt} at update {state['update']}")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,16 +207,9 @@ def train(args: Args, log=print) -> dict:
     save()
     runio.save_tensors(world.tuned_state(), run_dir / "lora.safetensors",
                        {"points": str(list(points or [])), "timestep_aware": str(aware), "names": ",".join(names)})
-    rows = [row for row in read_metrics(run_dir) if "eval/reward_mean" in row]
+    rows = [row for row in runio.read_jsonl(run_dir / "metrics.jsonl") if "eval/reward_mean" in row]
     return {"final": rows[-1], "updates": state["update"], "spent": state["spent"], "skipped": state["skipped"],
             "spent_per_update": state["spent"] / max(state["update"], 1), "evals": rows, "run_dir": str(run_dir)}
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl (training rows and evaluation rows)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    lines = path.read_text().splitlines(True) if path.is_file() else []
-    return [json.loads(line) for line in lines if line.endswith("\n")]  # not a last line torn by a kill
 
 
 def run_folder(args: Args) -> Path:

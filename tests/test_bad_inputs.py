@@ -407,15 +407,15 @@ def test_bad_input_in_a_real_process(script, argv, words, tmp_path):
 
 def test_resolution_checked_against_the_loaded_model():
     """--resolution must be a multiple of the VAE's × UNet's downsampling: SD1.5's 8 · 8 = 64, known only once its
-    configs are loaded (train_sd.check_model, before anything is written)."""
+    configs are loaded (sd.check_model, before anything is written)."""
     from types import SimpleNamespace as NS
 
     vae = NS(config=NS(block_out_channels=(128, 256, 512, 512)))  # SD1.5's configs
     modules = [(f"mid_block.attentions.0.{t}", None) for t in sd.LORA_TARGETS]
     unet = NS(config=NS(block_out_channels=(320, 640, 1280, 1280)), named_modules=lambda: modules)
-    train_sd.check_model(train_sd.Args(resolution=576), unet, vae)
+    sd.check_model(unet, vae, 576, train_sd.Args().lora_targets)
     with pytest.raises(runio.ArgError, match=r"^--resolution 520: must be a multiple of 64 for this model"):
-        train_sd.check_model(train_sd.Args(resolution=520), unet, vae)
+        sd.check_model(unet, vae, 520, train_sd.Args().lora_targets)
 
 
 def test_model_path_or_hub_id(files, tmp_path, monkeypatch, capfd):

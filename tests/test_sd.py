@@ -403,10 +403,10 @@ def test_nan_gradient_never_reaches_the_weights_and_lowers_the_fp16_scale():
     p = torch.nn.Parameter(torch.ones(3))
     opt = acc.prepare(torch.optim.AdamW([p], lr=0.1))
     p.grad = torch.tensor([1.0, float("nan"), 0.0])
-    applied, norm = train_sd.guarded_update(acc, opt, [p], 1.0)
+    applied, norm = sd.guarded_update(acc, opt, [p], 1.0)
     assert not applied and norm != norm and torch.equal(p.detach(), torch.ones(3)) and p.grad is None
     p.grad = torch.tensor([30.0, 40.0, 0.0])
-    applied, norm = train_sd.guarded_update(acc, opt, [p], 1.0)
+    applied, norm = sd.guarded_update(acc, opt, [p], 1.0)
     assert applied and norm == pytest.approx(50.0) and not torch.equal(p.detach(), torch.ones(3))
 
     class FP16:  # what guarded_update uses of an fp16 Accelerator
@@ -423,7 +423,7 @@ def test_nan_gradient_never_reaches_the_weights_and_lowers_the_fp16_scale():
         acc.scaler.scale(torch.ones(()))  # what a scaled loss's backward does first
         p.grad = torch.tensor(grad) * acc.scaler.get_scale()
         before = p.detach().clone()
-        applied, norm = train_sd.guarded_update(acc, opt, [p], 1.0)
+        applied, norm = sd.guarded_update(acc, opt, [p], 1.0)
         assert acc.scaler.get_scale() == scale and applied == (norm == pytest.approx(50.0))
         assert torch.equal(p.detach(), before) != applied
 

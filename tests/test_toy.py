@@ -162,7 +162,7 @@ def test_resume_is_bit_exact_across_stage_boundaries(cache, tmp_path, method, re
     a, b = (runio.load_tensors(tmp_path / n / "lora.safetensors") for n in ("whole", "part"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["updates"] == whole["updates"] == 8
-    losses = [[r["loss"] for r in train_toy.read_metrics(tmp_path / n) if "loss" in r] for n in ("whole", "part")]
+    losses = [[r["loss"] for r in runio.read_jsonl(tmp_path / n / "metrics.jsonl") if "loss" in r] for n in ("whole", "part")]
     assert losses[1] == losses[0][resume_from:]
 
 
