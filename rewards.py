@@ -821,3 +821,74 @@ def imagereward(device="cpu", dtype=torch.float32, imagereward_checkpoint: str =
 
 
 REWARDS["imagereward"] = imagereward
+
+
+# --- digit classifier (miniature SD on scikit-learn's digits) ------------------------------------------
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+class DigitClassifier(torch.nn.Module):
+    """A small CNN: images (B, 3, H, W) in [0, 1] → resized to image_size² (bilinear, antialiased) →
+    [3×3 conv, SiLU, 2×2 max-pool] per width in `channels` → flatten → linear → logits (B, classes).
+    `minisd.py` trains it on scikit-learn's digits; `config` (image_size, channels, classes) is the JSON
+    file next to the weights."""
+
+    def __init__(self, image_size: int = 16, channels=(32, 64), classes: int = 10):
+        super().__init__()
+        self.config = dict(image_size=image_size, channels=list(channels), classes=classes)
+        nn, layers, width = torch.nn, [], 3
+        for c in channels:
+            layers += [nn.Conv2d(width, c, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2)]
+            width = c
+        self.image_size = image_size
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width * (image_size // 2 ** len(channels)) ** 2, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-2:] != (self.image_size, self.image_size):
+            images = torch.nn.functional.interpolate(images, size=(self.image_size,) * 2, mode="bilinear",
+                                                     align_corners=False, antialias=True)
+        return self.head(self.features(images).flatten(1))
+
+
+def digit_in_prompt(prompt: str) -> int:
+    """The one digit a prompt names, as a numeral ('a handwritten 7') or a word ('seven'); one-line
+    error when it names none or several."""
+    import re
+
+    found = {int(d) for d in re.findall(r"(?<!\d)\d(?!\d)", prompt)}
+    found |= {DIGIT_WORDS.index(w) for w in re.findall(r"[a-z]+", prompt.lower()) if w in DIGIT_WORDS}
+    if len(found) != 1:
+        what = "names no digit" if not found else f"names several digits {sorted(found)}"
+        raise ValueError(f"digit reward: prompt {prompt!r} {what}: write one digit, e.g. 'a handwritten 7'")
+    return found.pop()
+
+
+def digit(device="cpu", dtype=torch.float32, digit_classifier: str = "runs/minisd/classifier.safetensors") -> Reward:
+    """log p(d | x) of the digit d named in the prompt, under the `DigitClassifier` that `minisd.py`
+    trains on scikit-learn's digits: log-softmax of its logits (B, 10) at d, ≤ 0 (0 = certain). Weights:
+    `digit_classifier` (.safetensors) with its config as the .json of the same name."""
+    import json
+    import os
+
+    config = os.path.splitext(digit_classifier)[0] + ".json"
+    if not (os.path.isfile(digit_classifier) and os.path.isfile(config)):
+        raise FileNotFoundError(f"digit classifier {digit_classifier!r} (+ .json config) not found: run "
+                                f"`python minisd.py` to train it, or pass digit_classifier=<path to .safetensors>")
+    with open(config) as f:
+        cfg = json.load(f)
+    model = DigitClassifier(**cfg)
+    model.load_state_dict(load_weights_file(digit_classifier))
+    model = _frozen(model, device, dtype)
+
+    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        target = torch.tensor([digit_in_prompt(p) for p in prompts], device=device)
+        logp = torch.log_softmax(model(images.to(device, dtype)).float(), dim=-1)  # (B, classes)
+        return logp.gather(1, target[:, None]).squeeze(1)
+
+    reward.models = (model,)
+    return reward
+
+
+REWARDS["digit"] = digit

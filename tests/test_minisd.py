@@ -1,0 +1,162 @@
+"""The miniature Stable Diffusion of minisd.py, on its reduced build (--preset test, built once): the folder
+loads as a StableDiffusionPipeline and through train_sd.load_components and samples as diffusers' own
+pipeline does; the shortcut file loads with shortcut.load_shortcut_lora and lands closer to the teacher
+than the base's one-step jump; the digit reward is the classifier's log-softmax, differentiable in the
+images; a second build reuses every stage; bad input gives one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minisd
+import rewards
+import shortcut
+import shortft
+import train_sd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def build(tmp_path_factory):
+    """The reduced build, once per test session: (args, report)."""
+    args = minisd.Args(preset="test", out=str(tmp_path_factory.mktemp("minisd") / "test"))
+    return minisd.apply_preset(args), minisd.main(args)
+
+
+def one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def conditioning(c, prompts):
+    with torch.no_grad():
+        return minisd.embed(c["tokenizer"], c["text_encoder"], prompts)
+
+
+def test_pipeline_folder_loads_in_diffusers_and_train_sd(build):
+    from diffusers import StableDiffusionPipeline
+
+    args, report = build
+    pipe = StableDiffusionPipeline.from_pretrained(Path(args.out) / "pipeline", safety_checker=None)
+    c = train_sd.load_components(str(Path(args.out) / "pipeline"))
+    sched = c["scheduler"].config
+    assert (sched.beta_start, sched.beta_end, sched.beta_schedule, sched.num_train_timesteps) == (0.00085, 0.012, "scaled_linear", 1000)
+    assert (sched.set_alpha_to_one, sched.steps_offset, sched.clip_sample) == (False, 1, False)
+    assert c["vae"].config.scaling_factor == pytest.approx(report["vae"]["scaling_factor"])
+    assert pipe.vae_scale_factor * c["unet"].config.sample_size == 32
+    assert c["unet"].config.cross_attention_dim == c["text_encoder"].config.hidden_size
+    for name in ("unet", "vae", "text_encoder"):  # the same weights through both loaders
+        for (k, a), (_, b) in zip(getattr(pipe, name).state_dict().items(), c[name].state_dict().items()):
+            assert torch.equal(a, b), (name, k)
+
+
+def test_minisd_sampler_is_diffusers_pipeline(build):
+    """minisd.ddim_trajectory (scores the guidance scales, makes the teacher) = StableDiffusionPipeline's
+    50-step DDIM + CFG on the same x_T."""
+    from diffusers import StableDiffusionPipeline
+
+    args, report = build
+    pipe = StableDiffusionPipeline.from_pretrained(Path(args.out) / "pipeline", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    w, prompts = report["guidance"]["chosen"], [minisd.prompt(3), minisd.prompt(8)]
+    x_T = torch.randn(2, 4, 4, 4)
+    ref = pipe(prompts, num_inference_steps=50, guidance_scale=w, latents=x_T, output_type="latent").images
+    c = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    schedule, grid = shortft.schedule_from_diffusers(pipe.scheduler.config), shortft.ddim_timesteps(50)
+    z = minisd.ddim_trajectory(pipe.unet, x_T, conditioning(c, prompts), conditioning(c, [""]), w, grid, schedule)[-1]
+    torch.testing.assert_close(z, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_shortcut_loads_and_jumps_closer_than_the_base(build):
+    """The LoRA file, loaded as train_sd.py loads a shortcut, lands closer to the teacher's x_p than the base's
+    one-step DDIM + CFG jump on fresh trajectories (summed over the three jumps), and it is frozen."""
+    args, report = build
+    c = train_sd.load_components(str(Path(args.out) / "pipeline"))
+    file = Path(args.out) / "shortcut" / "pytorch_lora_weights.safetensors"
+    params = shortcut.load_shortcut_lora(c["unet"], file)
+    assert params and not any(p.requires_grad for p in params)
+    loaded = dict(c["unet"].named_parameters())
+    for k, v in load_file(str(file)).items():  # every tensor of the file is in the UNet, none dropped
+        assert torch.equal(loaded[k.removeprefix("unet.").replace(".weight", ".shortcut.weight")], v), k
+    shortcut.set_active_adapters(c["unet"], [])
+    w, grid = report["guidance"]["chosen"], shortft.ddim_timesteps(50)
+    schedule = shortft.schedule_from_diffusers(c["scheduler"].config)
+    labels = torch.arange(20) % 10
+    cond, uncond = conditioning(c, [minisd.prompt(int(d)) for d in labels]), conditioning(c, [""])
+    traj = minisd.ddim_trajectory(c["unet"], torch.randn(20, 4, 4, 4), cond, uncond, w, grid, schedule)
+    errors = minisd.jump_errors(c["unet"], traj, cond, uncond, w, grid, schedule, args.lora_points)
+    assert list(errors) == ["741->501", "481->261", "241->1"]
+    total = {k: sum(e[k]["of_displacement"] for e in errors.values()) for k in ("shortcut", "base_cfg")}
+    assert total["shortcut"] < total["base_cfg"], errors
+
+
+def test_shortcut_loads_in_a_stock_pipeline(build):
+    from diffusers import StableDiffusionPipeline
+
+    args, _ = build
+    pipe = StableDiffusionPipeline.from_pretrained(Path(args.out) / "pipeline", safety_checker=None)
+    pipe.load_lora_weights(Path(args.out) / "shortcut")
+    tensors = load_file(str(Path(args.out) / "shortcut" / "pytorch_lora_weights.safetensors"))
+    lora = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert len(lora) == len(tensors) and all(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)
+
+
+def test_segment_pairs_follow_the_lora_points():
+    grid = shortft.ddim_timesteps(50)
+    pairs = [(grid[i], grid[j]) for i, j in minisd.segment_pairs(grid, [761, 501, 261, 1])]
+    assert (741, 501) in pairs and (481, 261) in pairs and (241, 1) in pairs and (981, 761) in pairs
+    assert all(t not in (761, 501, 261, 1) for t, _ in pairs) and len(pairs) == 46
+    assert all(max(p for p in (761, 501, 261, 1) if p < t) == s for t, s in pairs)
+
+
+def test_digit_reward_is_log_softmax_of_the_classifier(build):
+    args, report = build
+    path = Path(args.out) / "classifier.safetensors"
+    reward = rewards.make_reward("digit", digit_classifier=str(path))
+    model = rewards.DigitClassifier(**json.loads(path.with_suffix(".json").read_text()))
+    model.load_state_dict(load_file(str(path)))
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    prompts = ["a handwritten 7", "3", "a handwritten Nine"]
+    r = reward(x, prompts)
+    small = torch.nn.functional.interpolate(x.detach(), size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    manual = torch.log_softmax(model.features(small).flatten(1) @ model.head.weight.T + model.head.bias, -1)
+    torch.testing.assert_close(r.detach(), manual[torch.arange(3), torch.tensor([7, 3, 9])])
+    r.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+    assert not any(p.requires_grad for p in reward.models[0].parameters())
+
+
+def test_digit_reward_errors(build, tmp_path):
+    with pytest.raises(FileNotFoundError, match="python minisd.py") as e:
+        rewards.make_reward("digit", digit_classifier=str(tmp_path / "none.safetensors"))
+    one_line(e)
+    args, _ = build
+    reward = rewards.make_reward("digit", digit_classifier=str(Path(args.out) / "classifier.safetensors"))
+    with pytest.raises(ValueError, match="names no digit") as e:
+        reward(torch.rand(1, 3, 32, 32), ["a cat"])
+    one_line(e)
+
+
+def test_second_build_reuses_every_stage_and_other_arguments_fail(build, capsys):
+    args, report = build
+    again = minisd.main(minisd.Args(preset="test", out=args.out))
+    assert capsys.readouterr().out.count(": reuse") == 6
+    assert again["trajectory_error"] == report["trajectory_error"] and again["build_seconds"] == report["build_seconds"]
+    with pytest.raises(ValueError, match="built with other arguments .*shortcut_steps") as e:
+        minisd.main(minisd.Args(preset="test", out=args.out, shortcut_steps=1))
+    one_line(e)
+
+
+def test_bad_preset_exits_with_one_line():
+    r = subprocess.run([sys.executable, "minisd.py", "--preset", "huge"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("minisd.py: error: unknown preset 'huge'")
