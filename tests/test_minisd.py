@@ -1,5 +1,5 @@
 """The miniature Stable Diffusion of minisd.py, on its reduced build (--preset test, built once): the folder
-loads as a StableDiffusionPipeline and through train_sd.load_components and samples as diffusers' own
+loads as a StableDiffusionPipeline and through sd.load_components and samples as diffusers' own
 pipeline does; the shortcut file loads with shortcut.load_shortcut_lora and lands closer to the teacher
 than the base's one-step jump; the digit reward is the classifier's log-softmax, differentiable in the
 images; a second build reuses every stage; bad input gives one line."""
@@ -18,7 +18,7 @@ import minisd
 import rewards
 import shortcut
 import shortft
-import train_sd
+import sd
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def test_pipeline_folder_loads_in_diffusers_and_train_sd(build):
 
     args, report = build
     pipe = StableDiffusionPipeline.from_pretrained(Path(args.out) / "pipeline", safety_checker=None)
-    c = train_sd.load_components(str(Path(args.out) / "pipeline"))
+    c = sd.load_components(str(Path(args.out) / "pipeline"))
     sched = c["scheduler"].config
     assert (sched.beta_start, sched.beta_end, sched.beta_schedule, sched.num_train_timesteps) == (0.00085, 0.012, "scaled_linear", 1000)
     assert (sched.set_alpha_to_one, sched.steps_offset, sched.clip_sample) == (False, 1, False)
@@ -79,7 +79,7 @@ def test_shortcut_loads_and_jumps_closer_than_the_base(build):
     """The LoRA file, loaded as train_sd.py loads a shortcut, lands closer to the teacher's x_p than the base's
     one-step DDIM + CFG jump on fresh trajectories (summed over the three jumps), and it is frozen."""
     args, report = build
-    c = train_sd.load_components(str(Path(args.out) / "pipeline"))
+    c = sd.load_components(str(Path(args.out) / "pipeline"))
     file = Path(args.out) / "shortcut" / "pytorch_lora_weights.safetensors"
     params = shortcut.load_shortcut_lora(c["unet"], file)
     assert params and not any(p.requires_grad for p in params)
