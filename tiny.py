@@ -106,7 +106,7 @@ def sd_components(full_size: bool = False, seed: int = 0) -> dict:
 def tiny_sd(path: str | Path, seed: int = 0) -> Path:
     """A tiny random-init StableDiffusionPipeline saved to `path` in the standard diffusers folder
     layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), so
-    `StableDiffusionPipeline.from_pretrained(path)` and `train_sd.load_components(path)` both read it."""
+    `StableDiffusionPipeline.from_pretrained(path)` and `sd.load_components(path)` both read it."""
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
