@@ -1,6 +1,6 @@
 """Differentiable rewards r(x_0, c) for reward backpropagation, chosen by name.
 
-Paper Sec. 3 / Sec. 4: the fine-tuning objective is max_θ E_c E_{x_0 ~ p_θ(·|c)} r(x_0, c), optimised
+Paper Sec. 3: the fine-tuning objective is max_θ E_c E_{x_0 ~ p_θ(·|c)} r(x_0, c), optimised
 by backpropagating ∇r through the sampling chain. Every reward here has one signature:
 
     reward(x, cond) -> (B,) tensor, differentiable in x
