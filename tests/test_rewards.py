@@ -1,4 +1,4 @@
-"""Image rewards of rewards.py (Sec. 4, SD experiments: PickScore, HPSv2, aesthetic, ImageReward, CLIP score;
+"""Image rewards of rewards.py (the SD experiments: PickScore, HPSv2, aesthetic, ImageReward, CLIP score;
 the weight-free Symmetry and Compressibility).
 
 Tiny random reward models (tiny.py, tests/builders.py) are saved to disk and loaded through the very
