@@ -675,7 +675,7 @@ def check_chain_args(args: ChainArgs) -> None:
     check("alignprop_k_max", lambda: alignprop(grid, args.alignprop_k_min, args.alignprop_k_max or None))
     check("refl_last", lambda: refl(grid, args.refl_last))
     check("drtune_k", lambda: drtune(grid, args.drtune_k))
-    for stage in {1, num_loras(points, aware) if args.progressive else 1}:
+    for stage in {1, len(points) if points is not None and args.progressive else 1}:
         check("method", lambda: make_chain(args.method, grid, random.Random(0), **chain_switches(args, stage)))
 
 
