@@ -121,8 +121,8 @@ class Args(shortft.ChainArgs):
 
 
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(shortft.ChainArgs)) + (
-    "model", "reward", "clip_model", "digit_classifier", "shortcut", "shortcut_guidance", "shortcut_scale", "resolution", "lora_rank",
-    "lora_alpha", "lora_targets", "guidance", "seed")
+    "model", "reward", "clip_model", "digit_classifier", "shortcut", "shortcut_guidance", "shortcut_scale",
+    "resolution", "lora_rank", "lora_alpha", "lora_targets", "guidance", "seed")
 """What --resume keeps: the settings that make the model, the LoRA branches and the method (a resumed run may
 change --steps, --lr, --batch-size, --save-every, …)."""
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive")
