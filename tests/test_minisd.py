@@ -195,3 +195,19 @@ def test_bad_preset_exits_with_one_line():
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("minisd.py: error: unknown preset 'huge'")
+
+
+def test_budget_s_stops_at_the_cpu_budget_and_walks_the_stages(tmp_path):
+    """train_sd.py --budget-s: the run stops at the first update whose cumulative CPU-seconds reach the budget
+    (long before --steps), and ShortFT's progressive stages follow the spent share of it, ending in stage 4."""
+    import train_sd
+
+    run = train_sd.main(train_sd.Args(tiny=True, tiny_dir=str(tmp_path / "tiny"), out_dir=str(tmp_path),
+                                      name="budget", steps=100000, budget_s=2.0, save_every=0))
+    rows = [json.loads(line) for line in (run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    spent = [r["time/spent_cpu_s"] for r in rows if "loss" in r]
+    assert run["update"] == len(spent) < 100000
+    assert spent[-1] >= 2.0 and all(s < 2.0 for s in spent[:-1])
+    assert spent == sorted(spent)
+    stages = [r["stage"] for r in rows if "loss" in r]
+    assert stages == sorted(stages) and stages[-1] == 4
