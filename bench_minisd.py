@@ -127,8 +127,8 @@ def run_one(args: Args, variant: str, seed: int) -> dict:
     print(f"  {variant:27s} seed {seed}: eval {ev['eval/reward_mean']:.4f} (base {ev['eval/base_reward_mean']:.4f})"
           f", {len(train)} updates, {wall:.0f} s wall", flush=True)
     return {"variant": variant, "seed": seed, "eval": ev["eval/reward_mean"], "base": ev["eval/base_reward_mean"],
-            "updates": len(train), "wall_s": wall, "update_cpu_s": train[-1]["time/spent_cpu_s"],
-            "curve": [(r["time/spent_cpu_s"], r["reward/train"], r["stage"]) for r in train]}
+            "updates": len(train), "wall_s": wall, "update_cpu_s": train[-1]["time/spent"],
+            "curve": [(r["time/spent"], r["reward/train"], r["stage"]) for r in train]}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
