@@ -17,7 +17,7 @@ Output (runs/minisd-bench/): table.md, metrics.json (every run's numbers), rewar
 each update vs CPU-seconds, mean ± std over seeds, ShortFT's stage changes marked), grids/<variant>.png (base row
 over tuned row, seed 0), runs/<variant>-s<seed>/ (train_sd.py's run folders).
 
-Run: python bench_minisd.py            (after python minisd.py; about 20 min on 2 CPU cores)
+Run: python bench_minisd.py            (after python minisd.py; under 15 min on 2 CPU cores)
 """
 
 from __future__ import annotations
