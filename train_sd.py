@@ -53,6 +53,9 @@ class Args(shortft.ChainArgs):
     """reward name or weighted sum, e.g. 'pickscore:10,hpsv2:2,aesthetic:0.05' (rewards.REWARDS)"""
     clip_model: str | None = None
     """CLIP backbone for CLIP-based rewards (None: each reward's default)"""
+    digit_classifier: str | None = None
+    """weights (.safetensors, config beside it as .json) of the `digit` reward's classifier (None: the reward's
+    default, runs/minisd/classifier.safetensors)"""
     shortcut: str = shortcut.DEFAULT_SHORTCUT
     """shortcut LoRA: a name in shortcut.SHORTCUTS or a local .safetensors file (ShortFT only)"""
     shortcut_guidance: float | None = None
@@ -68,6 +71,10 @@ class Args(shortft.ChainArgs):
     (SD1.5: 64)"""
     steps: int = 200
     """optimizer updates (progressive stages are fractions of them)"""
+    budget_s: float = 0.0
+    """also stop once the updates have used this many CPU-seconds of this process (time.process_time, update time
+    only: evaluation and saving excluded); progressive stages are then fractions of the larger of the two spent
+    shares (0: --steps only)"""
     batch_size: int = 1
     """prompts per micro-batch and process"""
     grad_accum: int = 1
@@ -114,8 +121,8 @@ class Args(shortft.ChainArgs):
 
 
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(shortft.ChainArgs)) + (
-    "model", "reward", "clip_model", "shortcut", "shortcut_guidance", "shortcut_scale", "resolution", "lora_rank",
-    "lora_alpha", "lora_targets", "guidance", "seed")
+    "model", "reward", "clip_model", "digit_classifier", "shortcut", "shortcut_guidance", "shortcut_scale",
+    "resolution", "lora_rank", "lora_alpha", "lora_targets", "guidance", "seed")
 """What --resume keeps: the settings that make the model, the LoRA branches and the method (a resumed run may
 change --steps, --lr, --batch-size, --save-every, …)."""
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive")
@@ -142,6 +149,9 @@ def check_args(args: Args) -> None:
         sd.check_source("model", args.model, sd.PIPELINE_FILES, "an SD1.5 pipeline folder (unet/, vae/, …)")
     images = [n for n in rewards.REWARDS if n not in rewards.TOY_REWARDS]
     runio.check_arg("reward", args.reward, rewards.check_reward_spec, args.reward, images)
+    if args.digit_classifier is not None:
+        runio.require(Path(args.digit_classifier).is_file(), "digit_classifier", args.digit_classifier,
+                      "no such file: pass the .safetensors that minisd.py writes (runs/minisd/classifier.safetensors)")
     if args.clip_model is not None:
         sd.check_source("clip_model", args.clip_model, ("config.json",), "a CLIP model folder (config.json, …)")
     if args.method == "shortft" and (not args.tiny or args.shortcut != default.shortcut):
@@ -155,6 +165,7 @@ def check_args(args: Args) -> None:
     runio.require_range("resolution", args.resolution, 8, 4096)
     runio.require(args.resolution % 8 == 0, "resolution", args.resolution, "must be a multiple of 8 (SD1.5: of 64)")
     runio.require_range("steps", args.steps, 1)
+    runio.require_range("budget_s", args.budget_s, 0, what="0: --steps only")
     runio.require_range("batch_size", args.batch_size, 1, 1024, what="for more, use --grad-accum")
     runio.require_range("grad_accum", args.grad_accum, 1)
     runio.require_range("lr", args.lr, 0, 1, low_open=True, what="Adam moves each weight by about lr per update")
@@ -275,7 +286,8 @@ def main(args: Args) -> dict:
     forward_unet = torch.compile(unet) if args.compile else unet
     try:
         reward = rewards.make_reward(args.reward, device=device, dtype=dtype,
-                                     **({"clip_model": args.clip_model} if args.clip_model else {}))
+                                     **({"clip_model": args.clip_model} if args.clip_model else {}),
+                                     **({"digit_classifier": args.digit_classifier} if args.digit_classifier else {}))
     except (OSError, ValueError, ImportError) as e:
         raise user_error(e) from None
     # one optimizer over every branch: AdamW skips the parameters a stage leaves without gradient
@@ -283,14 +295,14 @@ def main(args: Args) -> dict:
     cache: dict[str, torch.Tensor] = {}
     uncond = sd.encode_prompts([""], tok, te, cache)
 
-    step, skipped = 0, 0
+    step, skipped, spent = 0, 0, 0.0  # spent: CPU-seconds of updates so far (--budget-s)
     if args.resume:  # the newest checkpoint that loads, with exactly this run's LoRA keys and shapes
         _, weights, state = runio.resume_checkpoint(run_dir, optimizer.optimizer, expect=sd.lora_weights(unet, names))
         named = dict(unet.named_parameters())
         with torch.no_grad():
             for n, w in weights.items():
                 named[n].copy_(w)
-        step, skipped = state["step"], state["skipped"]
+        step, skipped, spent = state["step"], state["skipped"], state.get("spent", 0.0)
         if accelerator.num_processes > 1:  # the checkpoint holds one process's RNG: give each its own stream again
             set_seed(args.seed + 1000 * step + accelerator.process_index)
     if main_proc:
@@ -342,7 +354,7 @@ def main(args: Args) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         sd.write_lora(unet, tmp, **lora_kw)
-        state = {"skipped": skipped, "stage": stage, "args": dataclasses.asdict(args)}
+        state = {"skipped": skipped, "spent": spent, "stage": stage, "args": dataclasses.asdict(args)}
         runio.save_checkpoint(run_dir, step, sd.lora_weights(unet, names), optimizer.optimizer, state,
                               {f.name: f for f in tmp.iterdir()})
         shutil.rmtree(tmp)
@@ -350,10 +362,14 @@ def main(args: Args) -> dict:
     side = sd.latent_side(vae, args.resolution)
     last_eval, stage, params = None, None, []
     bar = tqdm(total=args.steps, initial=step, disable=not main_proc, desc=args.method)
-    t0 = time.perf_counter()
-    while step < args.steps:
-        if shortft.stage_of(args, step / args.steps) != stage:  # progressive training: stage i trains LoRA_i … LoRA_k
-            stage = shortft.stage_of(args, step / args.steps)
+    t0, c0 = time.perf_counter(), time.process_time()
+
+    def progress():
+        return max(step / args.steps, spent / args.budget_s if args.budget_s else 0.0)
+
+    while progress() < 1:
+        if shortft.stage_of(args, progress()) != stage:  # progressive training: stage i trains LoRA_i … LoRA_k
+            stage = shortft.stage_of(args, progress())
             params = sd.set_trainable(unet, sd.stage_adapters(stage, points, aware))
             switches = shortft.chain_switches(args, stage)
         with accelerator.accumulate(unet):
@@ -378,11 +394,13 @@ def main(args: Args) -> dict:
             applied, norm = sd.guarded_update(accelerator, optimizer, params, args.max_grad_norm)
         skipped += not applied
         step += 1
+        spent += time.process_time() - c0
         bar.update(1)
         bar.set_postfix(stage=stage, reward=f"{r.mean().item():.4f}", grad=f"{norm:.3g}")
         metrics = {"update": step, "stage": stage, "loss": loss.item(), "reward/train": r.mean().item(),
                    "grad/norm": norm, "update/skipped": skipped,
                    "time/update_s": time.perf_counter() - t0,  # all micro-batches of the update
+                   "time/spent": spent,  # CPU-seconds of updates so far (--budget-s)
                    "chain/grad_evals": shortft.chain_cost(chain)["grad"]}
         if main_proc:
             runio.append_jsonl(metrics, run_dir / "metrics.jsonl")
@@ -390,9 +408,9 @@ def main(args: Args) -> dict:
                 accelerator.log(metrics, step=step)
             if args.eval_every and step % args.eval_every == 0:
                 last_eval = evaluate()
-            if (args.save_every and step % args.save_every == 0) or step == args.steps:
+            if (args.save_every and step % args.save_every == 0) or progress() >= 1:
                 save()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
     bar.close()
     if main_proc:
         if last_eval is None or last_eval["update"] != step:

@@ -2,7 +2,8 @@
 loads as a StableDiffusionPipeline and through sd.load_components and samples as diffusers' own
 pipeline does; the shortcut file loads with shortcut.load_shortcut_lora and lands closer to the teacher
 than the base's one-step jump; the digit reward is the classifier's log-softmax, differentiable in the
-images; a second build reuses every stage; bad input gives one line."""
+images; a LoRA that train_sd.py trains on the digit reward loads in a stock StableDiffusionPipeline and raises
+the reward of its samples; a second build reuses every stage; bad input gives one line."""
 
 import json
 import os
@@ -109,6 +110,40 @@ def test_shortcut_loads_in_a_stock_pipeline(build):
     assert len(lora) == len(tensors) and all(v.abs().sum() > 0 for k, v in tensors.items() if "lora_B" in k)
 
 
+def test_train_sd_lora_raises_the_digit_reward_in_a_stock_pipeline(build, tmp_path):
+    """train_sd.py (DRaFT-K, the cheapest chain, 30 updates) on the reduced build; its LoRA folder, loaded with
+    sd.prepare_pipeline into a StableDiffusionPipeline from the build's folder, raises the mean digit reward of
+    the pipeline's samples on fixed seeds (never used in training) over the same pipeline with the LoRA off."""
+    from diffusers import StableDiffusionPipeline
+
+    import train_sd
+
+    args, report = build
+    root = Path(args.out)
+    classifier = str(root / "classifier.safetensors")
+    run = train_sd.main(train_sd.Args(
+        model=str(root / "pipeline"), reward="digit", digit_classifier=classifier, method="draft_k",
+        resolution=32, guidance=report["guidance"]["chosen"], lora_rank=4, lora_alpha=4.0, lr=5e-2, steps=30,
+        batch_size=4, train_prompts=str(ROOT / "prompts/digits_train.txt"),
+        eval_prompts=str(ROOT / "prompts/digits_eval.txt"), eval_samples=1, eval_every=0, save_every=0,
+        out_dir=str(tmp_path), name="digit"))
+    reward = rewards.make_reward("digit", digit_classifier=classifier)
+    prompts = [minisd.prompt(d) for d in range(10)] * 2
+    pipe = StableDiffusionPipeline.from_pretrained(root / "pipeline", safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = sd.prepare_pipeline(pipe, run["run_dir"] / "lora")
+
+    def mean_reward(**kw):
+        gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
+        with torch.no_grad():
+            return reward(pipe(prompts, generator=gens, output_type="pt", **kw).images, prompts).mean().item()
+
+    tuned = mean_reward(**kwargs)
+    pipe.disable_lora()
+    base = mean_reward(num_inference_steps=50, guidance_scale=kwargs["guidance_scale"])
+    assert tuned > base + 0.15, (base, tuned)  # about half the rise measured on this build (README)
+
+
 def test_segment_pairs_follow_the_lora_points():
     grid = shortft.ddim_timesteps(50)
     pairs = [(grid[i], grid[j]) for i, j in minisd.segment_pairs(grid, [761, 501, 261, 1])]
@@ -160,3 +195,19 @@ def test_bad_preset_exits_with_one_line():
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("minisd.py: error: unknown preset 'huge'")
+
+
+def test_budget_s_stops_at_the_cpu_budget_and_walks_the_stages(tmp_path):
+    """train_sd.py --budget-s: the run stops at the first update whose cumulative CPU-seconds reach the budget
+    (long before --steps), and ShortFT's progressive stages follow the spent share of it, ending in stage 4."""
+    import train_sd
+
+    run = train_sd.main(train_sd.Args(tiny=True, tiny_dir=str(tmp_path / "tiny"), out_dir=str(tmp_path),
+                                      name="budget", steps=100000, budget_s=2.0, save_every=0))
+    rows = [json.loads(line) for line in (run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    spent = [r["time/spent"] for r in rows if "loss" in r]
+    assert run["update"] == len(spent) < 100000
+    assert spent[-1] >= 2.0 and all(s < 2.0 for s in spent[:-1])
+    assert spent == sorted(spent)
+    stages = [r["stage"] for r in rows if "loss" in r]
+    assert stages == sorted(stages) and stages[-1] == 4

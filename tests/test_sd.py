@@ -30,7 +30,7 @@ import train_sd
 ROOT = Path(__file__).resolve().parent.parent
 GRID = shortft.ddim_timesteps(10)  # 901, 801, …, 1
 POINTS = (701, 401, 201, 1)
-RUN_KEYS = {"update", "stage", "loss", "reward/train", "grad/norm", "update/skipped", "time/update_s",
+RUN_KEYS = {"update", "stage", "loss", "reward/train", "grad/norm", "update/skipped", "time/update_s", "time/spent",
             "chain/grad_evals"}
 EVAL_KEYS = {"update", "eval/reward_mean", "eval/reward_std", "eval/base_reward_mean"}
 
