@@ -17,10 +17,8 @@ Run: python -m pytest -q tests/test_bad_inputs.py
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +32,7 @@ from safetensors.torch import load_file, save_file
 import bench_sd
 import bench_toy
 import runio
+from sigkill import kill_when_paused
 import sd
 import shortft
 import tiny
@@ -471,16 +470,7 @@ def kill_at(point: str, flag: Path, target, update: int | None = None) -> None:
             os.environ["RUNIO_PAUSE"] = f"{point}:{flag}"
         target()
 
-    proc = multiprocessing.get_context("fork").Process(target=child)
-    proc.start()
-    deadline = time.monotonic() + 120
-    while not flag.exists():
-        assert proc.exitcode is None, f"the run ended without reaching {point}"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
-    assert proc.exitcode == -signal.SIGKILL
+    kill_when_paused(child, flag, point)
 
 
 def same_tensors(a: Path, b: Path) -> None:

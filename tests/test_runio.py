@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import runio
+from sigkill import kill_when_paused
 
 
 @dataclasses.dataclass
@@ -505,16 +506,7 @@ def _kill_at(tmp_path, point, target):
         os.environ["RUNIO_PAUSE"] = f"{point}:{flag}"
         target()
 
-    proc = multiprocessing.get_context("fork").Process(target=child)
-    proc.start()
-    deadline = time.monotonic() + 30
-    while not flag.exists():
-        assert proc.exitcode is None, f"the writer ended without reaching {point}"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
-    assert proc.exitcode == -signal.SIGKILL
+    kill_when_paused(child, flag, point, timeout=30)
 
 
 @pytest.mark.parametrize("point,resave,keep,expect_name,expect_snap", [
