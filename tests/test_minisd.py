@@ -199,7 +199,8 @@ def test_bad_preset_exits_with_one_line():
 
 def test_budget_s_stops_at_the_cpu_budget_and_walks_the_stages(tmp_path):
     """train_sd.py --budget-s: the run stops at the first update whose cumulative CPU-seconds reach the budget
-    (long before --steps), and ShortFT's progressive stages follow the spent share of it, ending in stage 4."""
+    (long before --steps), and ShortFT's progressive stages follow the spent share of it (how many stages a 2 s
+    budget reaches depends on the machine's speed, so the test checks the rule, not the last stage)."""
     import train_sd
 
     run = train_sd.main(train_sd.Args(tiny=True, tiny_dir=str(tmp_path / "tiny"), out_dir=str(tmp_path),
@@ -210,4 +211,7 @@ def test_budget_s_stops_at_the_cpu_budget_and_walks_the_stages(tmp_path):
     assert spent[-1] >= 2.0 and all(s < 2.0 for s in spent[:-1])
     assert spent == sorted(spent)
     stages = [r["stage"] for r in rows if "loss" in r]
-    assert stages == sorted(stages) and stages[-1] == 4
+    args = train_sd.Args()
+    before = [0.0] + spent[:-1]  # the stage of an update is decided by the budget spent before it
+    assert stages == [shortft.stage_of(args, b / 2.0) for b in before]
+    assert stages == sorted(stages) and stages[0] == 1 and len(set(stages)) > 1
