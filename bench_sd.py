@@ -4,7 +4,7 @@ Guo et al., ICCV 2025, https://arxiv.org/abs/2507.22604 — the efficiency claim
 a few evaluations with gradient costs a fraction of backpropagating through the complete 50-step chain.
 
 What is timed (one optimizer update, all in one run so the ratios compare like with like): x_T → the method's chain
-(`shortft.make_chain` over the 50-step DDIM grid with `shortft.chain_switches`, CFG 7.5 as one batched UNet call per
+(`shortft.make_chain` over the 50-step DDIM grid with `chain_args.chain_switches`, CFG 7.5 as one batched UNet call per
 base/tuned step, the Hyper-SD-style shortcut without CFG) → VAE decode (checkpointed) → a CLIP ViT-L/14-sized
 aesthetic reward → backward into the LoRA branches the stage trains → guarded AdamW step. ShortFT is timed in each
 stage 1 … k (its chain changes with the stage) and averaged over the default stage schedule (each stage's share of
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import chain_args
 import rewards
 import runio
 import sd
@@ -35,7 +36,7 @@ import tiny
 
 
 @dataclass
-class Args(shortft.ChainArgs):
+class Args(chain_args.ChainArgs):
     """Time one training update of every method at SD1.5 size (random weights). The chain switches are train_sd.py's
     (--lora-points, --draft-k, …); --methods says what to time (--method is not used)."""
 
@@ -110,7 +111,8 @@ def build(args: Args):
     unet.add_adapter(LoraConfig(r=args.shortcut_rank, lora_alpha=args.shortcut_rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out",
                                                 "ff.net.0.proj", "ff.net.2"]), adapter_name=sd.SHORTCUT_ADAPTER)
-    points, aware = shortft.layout(dataclasses.replace(args, method="shortft"))
+    grid, schedule = sd.grid_from_diffusers(c["scheduler"].config, args.num_steps), sd.schedule_from_diffusers(c["scheduler"].config)
+    points, aware = chain_args.layout(dataclasses.replace(args, method="shortft"), grid, schedule)
     sd.add_tuned_loras(unet, shortft.num_loras(points, aware), args.lora_rank, args.lora_rank)
     if args.channels_last and device.type == "cuda":
         unet.to(memory_format=torch.channels_last)
@@ -125,10 +127,10 @@ def time_updates(args: Args, method: str, stage: int, batch: int, c, fwd, reward
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     margs = dataclasses.replace(args, method=method)
-    points, aware = shortft.layout(margs)
-    switches = shortft.chain_switches(margs, stage)
-    schedule = shortft.schedule_from_diffusers(c["scheduler"].config)
-    grid = sd.ddim_grid(c["scheduler"], args.num_steps)
+    schedule = sd.schedule_from_diffusers(c["scheduler"].config)
+    grid = sd.grid_from_diffusers(c["scheduler"].config, args.num_steps)
+    points, aware = chain_args.layout(margs, grid, schedule)
+    switches = chain_args.chain_switches(margs, points, stage)
     cache: dict = {}
     prompts = ["a photo of a cat"] * batch
     cond = sd.encode_prompts(prompts, c["tokenizer"], c["text_encoder"], cache)
@@ -186,7 +188,7 @@ def schedule_average(rows: list[dict], args: Args) -> dict:
 
 def markdown(rows: list[dict], args: Args, device_name: str) -> str:
     lines = [f"Device: {device_name}; {args.mixed_precision}, {args.resolution}², CFG {args.guidance}, "
-             f"{args.num_steps}-step DDIM grid, LoRA rank {args.lora_rank} (attention + FF), VAE decode + CLIP-L "
+             f"{args.num_steps or 50}-step DDIM grid, LoRA rank {args.lora_rank} (attention + FF), VAE decode + CLIP-L "
              f"aesthetic reward + backward.", "",
              "| method | stage | B | s / update | ×ShortFT | peak GiB | grad evals | no-grad evals |",
              "|---|---|---|---|---|---|---|---|"]
@@ -205,7 +207,7 @@ def check_args(args: Args) -> None:
     """Every argument, in field order, before anything is built: one line `--flag VALUE: what to do` (a ValueError)."""
     runio.require(args.method == "shortft", "method", args.method, "is not used by the benchmark: list the methods "
                                                                    "to time with --methods")
-    shortft.check_chain_args(args)
+    chain_args.check_chain_args(args)
     runio.require(args.device == "cpu" or args.device.split(":")[0] == "cuda", "device", args.device, "use cuda or cpu")
     runio.require(args.device == "cpu" or torch.cuda.is_available(), "device", args.device,
                   "no CUDA device: run on a GPU machine, or smoke-test with --tiny --device cpu")
@@ -239,9 +241,11 @@ def main(args: Args) -> list[dict]:
         args = dataclasses.replace(args, resolution=32)
     if args.device == "cpu" and args.mixed_precision == Args.mixed_precision:
         args = dataclasses.replace(args, mixed_precision="no")  # bf16 autocast on CPU is slower, not faster
-    k = shortft.stage_of(args, 1.0)
     torch.manual_seed(args.seed)
     built = build(args)
+    config = built[0]["scheduler"].config
+    k = chain_args.num_stages(dataclasses.replace(args, method="shortft"), sd.grid_from_diffusers(config, args.num_steps),
+                              sd.schedule_from_diffusers(config))
     step = sd.resolution_step(built[0]["vae"], built[0]["unet"])
     runio.require(args.resolution % step == 0, "resolution", args.resolution,
                   f"must be a multiple of {step} for this model (its VAE's and UNet's downsampling)")

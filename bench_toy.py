@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+import budget
+import chain_args
 import measure_toy
 import rewards
 import runio
@@ -37,7 +39,7 @@ import shortft
 import toy
 import train_toy
 
-ARGS = shortft.ChainArgs()
+ARGS = chain_args.ChainArgs()
 VARIANTS = {  # name: (row label, train_toy.Args fields that differ from the defaults)
     "shortft": ("ShortFT", {}),
     "draft_lv": (f"DRaFT-LV (n = {ARGS.draft_lv_n})", {"method": "draft_lv"}),
@@ -72,10 +74,10 @@ class BenchArgs(toy.WorldArgs):
     """training reward of every variant (train_toy.py --reward)"""
     smooth_reward: str = "region"
     """a smooth reward on which gradient fidelity is measured as well"""
-    budget: float = 4.0
-    """budget of update time per run (equal compute), in --budget-unit"""
+    budget: float = 20.0
+    """budget of updates per run (equal compute), in --budget-unit"""
     budget_unit: str = train_toy.Args.budget_unit
-    """cpu_seconds, seconds or updates (train_toy.py --budget-unit)"""
+    """gflop, updates, cpu_seconds or seconds (train_toy.py --budget-unit)"""
     evals: int = 8
     """held-out evaluations per run (plus one before training)"""
     eval_batch: int = train_toy.Args.eval_batch
@@ -114,8 +116,7 @@ def check_args(args: BenchArgs) -> None:
         spec = getattr(args, flag)
         runio.check_arg(flag, spec, rewards.check_reward_spec, spec, rewards.TOY_REWARDS)
     runio.require_range("budget", args.budget, 0, low_open=True)
-    runio.require(args.budget_unit in (*train_toy.CLOCKS, "updates"), "budget_unit", args.budget_unit,
-                  "use cpu_seconds, seconds or updates")
+    runio.require(args.budget_unit in budget.UNITS, "budget_unit", args.budget_unit, f"use {', '.join(budget.UNITS)}")
     runio.require_range("evals", args.evals, 1)
     runio.require_range("eval_batch", args.eval_batch, 2, toy.MAX_SIZE)
     runio.require_range("grad_samples", args.grad_samples, 1, toy.MAX_SIZE)
@@ -145,9 +146,10 @@ def summarise(runs: list[dict]) -> dict:
     finals = [r["final"] for r in runs]
     curve = [spread([r["evals"][i]["eval/reward_mean"] for r in runs]) for i in range(min(len(r["evals"]) for r in runs))]
     return {"reward": spread([f["eval/reward_mean"] for f in finals]), "quality": spread([f["eval/quality_mean"] for f in finals]),
-            "updates": spread([r["updates"] for r in runs]), "spent_per_update": spread([r["spent_per_update"] for r in runs]),
+            "updates": spread([r["updates"] for r in runs]), "spent_per_update": spread([r["per_update"]["cpu_seconds"] for r in runs]),
+            "gflop_per_update": spread([r["per_update"]["gflop"] for r in runs]),
             "base_reward": finals[0]["eval/base_reward_mean"], "curve_mean": [m for m, _ in curve], "curve_std": [s for _, s in curve],
-            "curve_spent": [statistics.fmean(r["evals"][i]["time/spent"] for r in runs) for i in range(len(curve))],
+            "curve_spent": [statistics.fmean(r["evals"][i]["budget/spent"] for r in runs) for i in range(len(curve))],
             "seeds": [f["eval/reward_mean"] for f in finals]}
 
 
@@ -162,15 +164,16 @@ def tables_markdown(summary: dict, args: BenchArgs) -> str:
         rows = [v for v in rows if v in summary]
         if not rows:
             continue
-        lines += [f"**{title}**: {len(args.seeds)} seeds, {args.budget:g} {args.budget_unit} of update time each, "
+        lines += [f"**{title}**: {len(args.seeds)} seeds, {args.budget:g} {args.budget_unit} of updates each, "
                   f"reward `{args.reward}`", "",
-                  f"| method | held-out reward ↑ | ring quality ↑ | updates | {args.budget_unit} / update |", "|---|---|---|---|---|"]
+                  "| method | held-out reward ↑ | ring quality ↑ | updates | GFLOP / update | CPU s / update |",
+                  "|---|---|---|---|---|---|"]
         base = summary[rows[0]]["base_reward"]
-        lines.append(f"| base model | {base:.3f} | – | – | – |")
+        lines.append(f"| base model | {base:.3f} | – | – | – | – |")
         for v in rows:
             s = summary[v]
             lines.append(f"| {VARIANTS[v][0]} | {pm(s['reward'])} | {pm(s['quality'], 2)} | {pm(s['updates'], 0)} | "
-                         f"{pm(s['spent_per_update'], 4)} |")
+                         f"{pm(s['gflop_per_update'], 4)} | {pm(s['spent_per_update'], 4)} |")
         lines.append("")
     lines += ["**The paper's orderings** (held-out reward; '>' only where |Δmean| > std_a + std_b):", ""]
     for a, b in PAPER_ORDERINGS:
@@ -209,7 +212,7 @@ def plot(out: Path, metrics: dict, world: toy.Toy, samples: dict, args: BenchArg
         k = len(shortft.PAPER_LORA_POINTS)
         for i in range(1, k):  # ShortFT's stage boundaries (equal shares of the budget)
             ax.axvline(args.budget * i / k, c="gray", ls=":", lw=1)
-        ax.set(xlabel=f"update time spent ({args.budget_unit}); dotted: ShortFT's stage boundaries", title=title)
+        ax.set(xlabel=f"budget spent ({args.budget_unit}); dotted: ShortFT's stage boundaries", title=title)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("held-out reward (50-step sampler)")
     save(fig, "reward_vs_time.png")
@@ -317,7 +320,7 @@ def bench(args: BenchArgs) -> dict:
 
     samples = {}
     for v in runs:
-        points, aware = shortft.layout(train_toy.Args(**VARIANTS[v][1]))
+        points, aware = chain_args.layout(train_toy.Args(**VARIANTS[v][1]), world.grid, world.schedule)
         w = toy.build_toy(args, points, aware)
         before = toy.sample(w, x_eval, c_eval, shortft.BASE)
         w.load_tuned_state(runio.load_tensors(out / f"{v}-s{args.seeds[0]}" / "lora.safetensors"))

@@ -76,6 +76,12 @@ def chain_jump_errors(world: toy.Toy, x_T, cond, radius: float, points: Sequence
 # ----------------------------------------------------------------------------- gradient fidelity
 
 
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine similarity of two flattened gradients."""
+    a, b = a.flatten().double(), b.flatten().double()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
 def exact_chain(grid: Sequence[int], points: Sequence[int] | None) -> Chain:
     """The original sampler with gradient through every step: the exact gradient of ShortFT's parametrisation."""
     return Chain([dataclasses.replace(seg, grad=True) for seg in shortft.sampling_chain(grid, points).trunk])
@@ -109,8 +115,8 @@ def gradient_fidelity(world: toy.Toy, x_T, cond, reward_fn, segment1_grad_steps:
             chain = shortft.shortft(world.grid, world.points, stage=stage, segment1_grad_steps=steps)
             got = branch_gradients(world, chain, x_T, cond, reward_fn)
             names = world.names[stage - 1:]
-            row = {n: shortft.cosine(got[n], exact[n]) for n in names}
-            row["stage"] = shortft.cosine(torch.cat([got[n] for n in names]), torch.cat([exact[n] for n in names]))
+            row = {n: cosine(got[n], exact[n]) for n in names}
+            row["stage"] = cosine(torch.cat([got[n] for n in names]), torch.cat([exact[n] for n in names]))
             rows[f"stage {stage}" + (f", segment1_grad_steps {steps}" if stage == 1 else "")] = row
     return {"cosine": rows, "exact_norm": {n: g.norm().item() for n, g in exact.items()}, "a_share_of_exact": a_share}
 

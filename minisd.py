@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import rewards
 import runio
+import sd
 import shortcut
 import shortft
 
@@ -451,7 +452,7 @@ def main(args: Args) -> dict:
     vae = AutoencoderKL.from_pretrained(pipe / "vae").eval().requires_grad_(False)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    schedule, grid = shortft.schedule_from_diffusers(scheduler.config), shortft.ddim_timesteps(50, spacing="leading")
+    schedule, grid = sd.schedule_from_diffusers(scheduler.config), shortft.ddim_timesteps(50, spacing="leading")
 
     if todo("unet", pipe / "model_index.json"):  # the pipeline folder is written whole, model_index.json included
         unet, tokenizer, text_encoder, numbers = train_unet(args, vae, train, schedule)

@@ -26,7 +26,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -196,11 +196,38 @@ def load_components(model: str, device="cpu", dtype=torch.float32) -> dict:
     return c
 
 
-def ddim_grid(scheduler, num_steps: int = 50) -> list[int]:
-    """The scheduler's N-step DDIM grid with "leading" spacing (SD1.5's sampler: 981, 961, …, 1 for N = 50)."""
-    cfg = scheduler.config
-    return shortft.ddim_timesteps(num_steps, cfg.get("num_train_timesteps", 1000), "leading",
-                                  cfg.get("steps_offset", 1))
+def is_flow_matching(config: Mapping) -> bool:
+    """Whether a diffusers scheduler config is a flow-matching one (SD3, FLUX): by its class name, or, for a
+    scheduler built in code (no `_class_name`), by its keys (a `shift` and no β schedule)."""
+    return "FlowMatch" in str(config.get("_class_name", "")) or ("shift" in config and "beta_start" not in config)
+
+
+def schedule_from_diffusers(config: Mapping) -> shortft.NoiseSchedule | shortft.FlowSchedule:
+    """The schedule of a diffusers scheduler (pass `scheduler.config`): a FlowSchedule for the flow-matching
+    schedulers (SD3, FLUX), a NoiseSchedule with the same ᾱ_t for DDIM/DDPM/… (SD1.5)."""
+    if is_flow_matching(config):
+        return shortft.FlowSchedule(config.get("num_train_timesteps", 1000))
+    return shortft.make_schedule(
+        num_train_timesteps=config.get("num_train_timesteps", 1000),
+        beta_start=config.get("beta_start", 0.00085),
+        beta_end=config.get("beta_end", 0.012),
+        beta_schedule=config.get("beta_schedule", "scaled_linear"),
+        set_alpha_to_one=config.get("set_alpha_to_one", False),
+    )
+
+
+def grid_from_diffusers(config: Mapping, num_steps: int = 0) -> list[int | float]:
+    """The N-step sampler grid of a diffusers scheduler config: DDIM with "leading" spacing (SD1.5's sampler: 981,
+    961, …, 1 for N = 50) or the flow-matching Euler grid with the config's static shift (SD3's: 28 steps, shift 3).
+    N = 0: the model's own default, 50 DDIM steps or 28 Euler steps."""
+    if is_flow_matching(config):
+        num_steps = num_steps or 28
+        if config.get("use_dynamic_shifting", False):
+            raise ValueError("this flow-matching scheduler shifts its grid by image size (use_dynamic_shifting, as "
+                             "FLUX): only static shifts (SD3, SD3.5) are supported")
+        return shortft.flow_timesteps(num_steps, config.get("shift", 1.0), config.get("num_train_timesteps", 1000))
+    return shortft.ddim_timesteps(num_steps or 50, config.get("num_train_timesteps", 1000), "leading",
+                                  config.get("steps_offset", 1))
 
 
 def latent_side(vae, resolution: int) -> int:
@@ -333,7 +360,7 @@ def sample(c: dict, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence
     unet, vae, tok, te = c["unet"], c["vae"], c["tokenizer"], c["text_encoder"]
     cache = {} if cache is None else cache
     device = next(unet.parameters()).device
-    schedule = shortft.schedule_from_diffusers(c["scheduler"].config)
+    schedule = schedule_from_diffusers(c["scheduler"].config)
     chain = shortft.sampling_chain(grid, points, model)
     side = latent_side(vae, resolution)
     uncond = encode_prompts([""], tok, te, cache)

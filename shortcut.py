@@ -83,6 +83,15 @@ def jump(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, c, eps_fn, schedule)
     return ddim_step(x, eps_fn(x, t, s, c), alpha_bar_at(schedule, t), alpha_bar_at(schedule, s))
 
 
+def jump_timesteps(t: int, s: int, jumps: int) -> list[int]:
+    """`jumps`+1 integer points (for M shortcut jumps) from t down to s, evenly spaced in timestep (s = CLEAN counts as −1)."""
+    if jumps < 1:
+        raise ValueError(f"number of shortcut jumps must be ≥ 1, got {jumps}")
+    if jumps > t - s:
+        raise ValueError(f"cannot split {t} → {s} into {jumps} jumps of at least one timestep")
+    return [t] + [int(round(t + (s - t) * i / jumps)) for i in range(1, jumps)] + [s]
+
+
 def teacher_path(t: int, s: int, grid: Sequence[int]) -> list[int]:
     """The base chain's timesteps from t to s: t, the grid points strictly between, s."""
     return [int(t)] + [int(g) for g in grid if s < g < t] + [int(s)]

@@ -266,8 +266,8 @@ def sample(world: Toy, x_T: torch.Tensor, cond: torch.Tensor, model: str = TUNED
 
 @torch.no_grad()
 def shortcut_sample(world: Toy, x: torch.Tensor, cond: torch.Tensor, t: int, s: int, jumps: int) -> torch.Tensor:
-    """x_s from x_t in `jumps` shortcut jumps evenly spaced in timestep (shortft.jump_timesteps)."""
-    pts = shortft.jump_timesteps(t, s, jumps)
+    """x_s from x_t in `jumps` shortcut jumps evenly spaced in timestep (shortcut.jump_timesteps)."""
+    pts = shortcut.jump_timesteps(t, s, jumps)
     segs = [shortft.Segment(SHORTCUT, a, b, grad=False) for a, b in zip(pts, pts[1:])]
     return shortft.run_chain(x, segs, make_denoisers(world, cond), world.schedule)
 

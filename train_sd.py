@@ -21,12 +21,13 @@ import dataclasses
 import random
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+import budget
+import chain_args
 import rewards
 import runio
 import sd
@@ -35,7 +36,7 @@ import shortft
 
 
 @dataclass
-class Args(shortft.ChainArgs):
+class Args(chain_args.ChainArgs):
     """Fine-tune Stable Diffusion 1.5 LoRA branches with ShortFT or a baseline (reward backpropagation)."""
 
     name: str = "sd"
@@ -71,10 +72,12 @@ class Args(shortft.ChainArgs):
     (SD1.5: 64)"""
     steps: int = 200
     """optimizer updates (progressive stages are fractions of them)"""
-    budget_s: float = 0.0
-    """also stop once the updates have used this many CPU-seconds of this process (time.process_time, update time
-    only: evaluation and saving excluded); progressive stages are then fractions of the larger of the two spent
-    shares (0: --steps only)"""
+    budget: float = 0.0
+    """also stop once the updates have spent this much of --budget-unit (update time only: evaluation and saving
+    excluded); progressive stages are then fractions of the larger of the two spent shares (0: --steps only)"""
+    budget_unit: str = "gflop"
+    """what --budget counts: gflop (the FLOPs of the updates, budget.py: the same on every machine), cpu_seconds (this
+    process, time.process_time) or seconds (wall-clock)"""
     batch_size: int = 1
     """prompts per micro-batch and process"""
     grad_accum: int = 1
@@ -120,7 +123,7 @@ class Args(shortft.ChainArgs):
     """extra trackers through accelerate: tensorboard, wandb (metrics.jsonl is always written)"""
 
 
-RESUME_KEYS = tuple(f.name for f in dataclasses.fields(shortft.ChainArgs)) + (
+RESUME_KEYS = tuple(f.name for f in dataclasses.fields(chain_args.ChainArgs)) + (
     "model", "reward", "clip_model", "digit_classifier", "shortcut", "shortcut_guidance", "shortcut_scale",
     "resolution", "lora_rank", "lora_alpha", "lora_targets", "guidance", "seed")
 """What --resume keeps: the settings that make the model, the LoRA branches and the method (a resumed run may
@@ -139,7 +142,7 @@ def check_args(args: Args) -> None:
     the hub reachable (if it is not, the process goes offline: see sd.hub_offline)."""
     import importlib.util
 
-    shortft.check_chain_args(args)
+    chain_args.check_chain_args(args)  # against SD1.5's grid; once the model is loaded, against its own
     runio.check_run_name(args.name, out_flag="--out-dir")
     runio.check_writable_dir("--out-dir", args.out_dir)
     if args.tiny_dir:
@@ -165,7 +168,11 @@ def check_args(args: Args) -> None:
     runio.require_range("resolution", args.resolution, 8, 4096)
     runio.require(args.resolution % 8 == 0, "resolution", args.resolution, "must be a multiple of 8 (SD1.5: of 64)")
     runio.require_range("steps", args.steps, 1)
-    runio.require_range("budget_s", args.budget_s, 0, what="0: --steps only")
+    runio.require_range("budget", args.budget, 0, what="0: --steps only")
+    runio.require(args.budget_unit in budget.UNITS and args.budget_unit != "updates", "budget_unit", args.budget_unit,
+                  "use gflop, cpu_seconds or seconds (updates: --steps)")
+    runio.require(not (args.compile and args.budget and args.budget_unit == "gflop"), "budget_unit", args.budget_unit,
+                  "FLOPs are counted in eager mode: drop --compile, or count cpu_seconds or seconds")
     runio.require_range("batch_size", args.batch_size, 1, 1024, what="for more, use --grad-accum")
     runio.require_range("grad_accum", args.grad_accum, 1)
     runio.require_range("lr", args.lr, 0, 1, low_open=True, what="Adam moves each weight by about lr per update")
@@ -247,7 +254,6 @@ def main(args: Args) -> dict:
         sc_file, sc_spec = shortcut.resolve_shortcut(args.shortcut) if args.method == "shortft" else (None, None)
     except (OSError, ValueError) as e:
         raise user_error(e) from None
-    points, aware = shortft.layout(args)
 
     accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
                               log_with=args.log_with or None, project_dir=str(run_dir))
@@ -261,13 +267,19 @@ def main(args: Args) -> dict:
         raise user_error(e) from None
     unet, vae, tok, te = c["unet"], c["vae"], c["tokenizer"], c["text_encoder"]
     sd.check_model(unet, vae, args.resolution, args.lora_targets)
-    schedule = shortft.schedule_from_diffusers(c["scheduler"].config)
-    grid = sd.ddim_grid(c["scheduler"], args.num_steps)
+    schedule = sd.schedule_from_diffusers(c["scheduler"].config)
+    grid = sd.grid_from_diffusers(c["scheduler"].config, args.num_steps)
+    try:
+        chain_args.check_chain_args(args, grid, schedule)
+    except ValueError as e:
+        raise user_error(e) from None
+    points, aware = chain_args.layout(args, grid, schedule)
+    k = chain_args.num_stages(args, grid, schedule)
     sc_guidance = 0.0
     if sc_file is not None:
         if not sc_spec.trajectory_preserving:
             print(f"warning: shortcut {args.shortcut!r} is not trajectory-preserving (it re-noises at every step); "
-                  f"ShortFT assumes it lands where the {args.num_steps}-step chain lands", file=sys.stderr)
+                  f"ShortFT assumes it lands where the {len(grid)}-step chain lands", file=sys.stderr)
         sc_scale = sc_spec.lora_scale if args.shortcut_scale is None else args.shortcut_scale
         sc_guidance = sc_spec.guidance if args.shortcut_guidance is None else args.shortcut_guidance
         try:
@@ -295,37 +307,37 @@ def main(args: Args) -> dict:
     cache: dict[str, torch.Tensor] = {}
     uncond = sd.encode_prompts([""], tok, te, cache)
 
-    step, skipped, spent = 0, 0, 0.0  # spent: CPU-seconds of updates so far (--budget-s)
+    skipped, spent = 0, budget.Spent()  # spent: what the updates have used so far (--steps, --budget)
     if args.resume:  # the newest checkpoint that loads, with exactly this run's LoRA keys and shapes
         _, weights, state = runio.resume_checkpoint(run_dir, optimizer.optimizer, expect=sd.lora_weights(unet, names))
         named = dict(unet.named_parameters())
         with torch.no_grad():
             for n, w in weights.items():
                 named[n].copy_(w)
-        step, skipped, spent = state["step"], state["skipped"], state.get("spent", 0.0)
+        skipped, spent = state["skipped"], budget.Spent(**state["spent"])
         if accelerator.num_processes > 1:  # the checkpoint holds one process's RNG: give each its own stream again
-            set_seed(args.seed + 1000 * step + accelerator.process_index)
+            set_seed(args.seed + 1000 * spent.updates + accelerator.process_index)
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = run_dir / "metrics.jsonl"
         if args.resume:  # rows logged after the checkpoint are logged again
-            runio.keep_jsonl_until(metrics_file, step)
+            runio.keep_jsonl_until(metrics_file, spent.updates)
         else:
             metrics_file.unlink(missing_ok=True)
         runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
         if args.log_with:
             accelerator.init_trackers(args.name, config={k: str(v) for k, v in dataclasses.asdict(args).items()})
 
-    stages = range(1, shortft.stage_of(args, 1.0) + 1)
+    stages = range(1, k + 1)
     costs = {s: shortft.chain_cost(shortft.make_chain(args.method, grid, random.Random(0),
-                                                      **shortft.chain_switches(args, s))) for s in stages}
+                                                      **chain_args.chain_switches(args, points, s))) for s in stages}
     print(f"run {run_dir}  method {args.method}  reward {args.reward}  model {args.model}\n"
-          f"  grid {args.num_steps} DDIM steps ({grid[0]} … {grid[-1]}), CFG {args.guidance}, {args.resolution}px, "
+          f"  grid {len(grid)} {type(schedule).__name__} steps ({grid[0]:g} … {grid[-1]:g}), CFG {args.guidance}, {args.resolution}px, "
           f"{args.mixed_precision} on {device} × {accelerator.num_processes}\n"
           f"  LoRA points {list(points) if points else 'none (one LoRA at every step)'}, branches {names}, "
           f"rank {args.lora_rank}, alpha {args.lora_alpha}: {sum(p.numel() for p in lora_params):,} parameters\n"
           f"  shortcut {f'{args.shortcut} (scale {sc_scale}, CFG {sc_guidance})' if sc_file else '-'}\n"
-          f"  effective batch {args.batch_size * args.grad_accum * accelerator.num_processes}, updates {step} → "
+          f"  effective batch {args.batch_size * args.grad_accum * accelerator.num_processes}, updates {spent.updates} → "
           f"{args.steps}; per stage: " + ", ".join(f"{s}: {sd.stage_adapters(s, points, aware)} "
                                                     f"{costs[s]['grad']} grad + {costs[s]['no_grad']} no-grad evals"
                                                     for s in stages))
@@ -339,11 +351,11 @@ def main(args: Args) -> dict:
         tuned = sd.sample(c, eval_prompts, grid=grid, guidance=args.guidance, points=points, timestep_aware=aware, **kw)
         with torch.no_grad():
             r = reward(tuned.to(device), eval_prompts).float().cpu()
-        sd.save_grid([evaluate.base, tuned], run_dir / f"eval_{step:06d}.png")
-        out = {"update": step, "eval/reward_mean": r.mean().item(), "eval/reward_std": r.std(unbiased=False).item(),
+        sd.save_grid([evaluate.base, tuned], run_dir / f"eval_{spent.updates:06d}.png")
+        out = {"update": spent.updates, "eval/reward_mean": r.mean().item(), "eval/reward_std": r.std(unbiased=False).item(),
                "eval/base_reward_mean": evaluate.base_r.mean().item()}
         runio.append_jsonl(out, run_dir / "metrics.jsonl")
-        print(f"  eval @ {step}: reward {out['eval/reward_mean']:.4f} ± {out['eval/reward_std']:.4f} "
+        print(f"  eval @ {spent.updates}: reward {out['eval/reward_mean']:.4f} ± {out['eval/reward_std']:.4f} "
               f"(base {out['eval/base_reward_mean']:.4f})")
         return out
 
@@ -354,24 +366,26 @@ def main(args: Args) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         sd.write_lora(unet, tmp, **lora_kw)
-        state = {"skipped": skipped, "spent": spent, "stage": stage, "args": dataclasses.asdict(args)}
-        runio.save_checkpoint(run_dir, step, sd.lora_weights(unet, names), optimizer.optimizer, state,
+        state = {"skipped": skipped, "spent": dataclasses.asdict(spent), "stage": stage, "args": dataclasses.asdict(args)}
+        runio.save_checkpoint(run_dir, spent.updates, sd.lora_weights(unet, names), optimizer.optimizer, state,
                               {f.name: f for f in tmp.iterdir()})
         shutil.rmtree(tmp)
 
     side = sd.latent_side(vae, args.resolution)
     last_eval, stage, params = None, None, []
-    bar = tqdm(total=args.steps, initial=step, disable=not main_proc, desc=args.method)
-    t0, c0 = time.perf_counter(), time.process_time()
+    bar = tqdm(total=args.steps, initial=spent.updates, disable=not main_proc, desc=args.method)
+    meter, watch, gflop = budget.FlopMeter(), budget.Stopwatch(), 0.0
+    count_flops = args.budget_unit == "gflop" and args.budget > 0  # each new kind of update costs a dry run
 
     def progress():
-        return max(step / args.steps, spent / args.budget_s if args.budget_s else 0.0)
+        return max(spent.updates / args.steps, spent.of(args.budget_unit) / args.budget if args.budget else 0.0)
 
     while progress() < 1:
-        if shortft.stage_of(args, progress()) != stage:  # progressive training: stage i trains LoRA_i … LoRA_k
-            stage = shortft.stage_of(args, progress())
-            params = sd.set_trainable(unet, sd.stage_adapters(stage, points, aware))
-            switches = shortft.chain_switches(args, stage)
+        if chain_args.stage_of(args, progress(), k) != stage:  # progressive training: stage i trains LoRA_i … LoRA_k
+            stage = chain_args.stage_of(args, progress(), k)
+            trained = sd.stage_adapters(stage, points, aware)
+            params = sd.set_trainable(unet, trained)
+            switches = chain_args.chain_switches(args, points, stage)
         with accelerator.accumulate(unet):
             # --- sample ---
             prompts = [random.choice(train_prompts) for _ in range(args.batch_size)]
@@ -384,23 +398,30 @@ def main(args: Args) -> dict:
             def reward_fn(latents):
                 return reward(sd.decode(vae, latents, args.checkpoint_decode), prompts).float()
 
-            with accelerator.autocast():
-                loss, r = shortft.reward_loss(x_T, chain, den, schedule, reward_fn)
+            def forward_backward():
+                with accelerator.autocast():
+                    loss, r = shortft.reward_loss(x_T, chain, den, schedule, reward_fn)
+                accelerator.backward(loss)
+                return loss, r
+
+            if count_flops:  # the FLOPs of this kind of micro-batch, counted once by a dry run (budget.py)
+                gflop += meter.gflop(budget.update_kind(chain, args.batch_size, tuple(trained)), forward_backward,
+                                     params)
+            loss, r = forward_backward()
 
             # --- update ---
-            accelerator.backward(loss)
             if not accelerator.sync_gradients:
                 continue
             applied, norm = sd.guarded_update(accelerator, optimizer, params, args.max_grad_norm)
         skipped += not applied
-        step += 1
-        spent += time.process_time() - c0
+        wall = watch.add_to(spent, gflop)  # all micro-batches of the update
+        step = spent.updates
         bar.update(1)
         bar.set_postfix(stage=stage, reward=f"{r.mean().item():.4f}", grad=f"{norm:.3g}")
         metrics = {"update": step, "stage": stage, "loss": loss.item(), "reward/train": r.mean().item(),
                    "grad/norm": norm, "update/skipped": skipped,
-                   "time/update_s": time.perf_counter() - t0,  # all micro-batches of the update
-                   "time/spent": spent,  # CPU-seconds of updates so far (--budget-s)
+                   "time/update_s": wall, "budget/spent": spent.of(args.budget_unit), "time/cpu_s": spent.cpu_seconds,
+                   **({"compute/gflop": spent.gflop} if count_flops else {}),
                    "chain/grad_evals": shortft.chain_cost(chain)["grad"]}
         if main_proc:
             runio.append_jsonl(metrics, run_dir / "metrics.jsonl")
@@ -410,15 +431,16 @@ def main(args: Args) -> dict:
                 last_eval = evaluate()
             if (args.save_every and step % args.save_every == 0) or progress() >= 1:
                 save()
-        t0, c0 = time.perf_counter(), time.process_time()
+        watch, gflop = budget.Stopwatch(), 0.0
     bar.close()
     if main_proc:
-        if last_eval is None or last_eval["update"] != step:
+        if last_eval is None or last_eval["update"] != spent.updates:
             last_eval = evaluate()
         sd.save_lora(unet, run_dir / "lora", **lora_kw)  # always rewritten, as a whole (runio.atomic_folder)
         print(f"LoRA: {run_dir / 'lora'} (sd.load_lora, or sd.prepare_pipeline for a stock StableDiffusionPipeline)")
     accelerator.end_training()
-    return {"run_dir": run_dir, "update": step, "skipped": skipped, "eval": last_eval, "args": args}
+    return {"run_dir": run_dir, "update": spent.updates, "skipped": skipped, "eval": last_eval, "args": args,
+            "spent": dataclasses.asdict(spent)}
 
 
 if __name__ == "__main__":

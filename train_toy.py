@@ -18,22 +18,21 @@ import dataclasses
 import os
 import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import budget
+import chain_args
 import rewards
 import runio
 import shortft
 import toy
 
-CLOCKS = {"seconds": time.perf_counter, "cpu_seconds": time.process_time}
-
 
 @dataclass
-class Args(toy.WorldArgs, shortft.ChainArgs):
+class Args(toy.WorldArgs, chain_args.ChainArgs):
     """Fine-tune the 2D toy diffusion with one reward-backpropagation method (ShortFT or a baseline)."""
 
     name: str = ""
@@ -56,11 +55,12 @@ class Args(toy.WorldArgs, shortft.ChainArgs):
     """LoRA α (the update is scaled by α/rank)"""
     batch_size: int = 64
     """x_T samples (with random classes) per update"""
-    budget: float = 10.0
+    budget: float = 50.0
     """training budget in --budget-unit"""
-    budget_unit: str = "cpu_seconds"
-    """what the budget counts, update time only (evaluation excluded): cpu_seconds (this process's CPU time, one
-    thread: wall-clock on an idle core, unaffected by other load), seconds (wall-clock) or updates (bit-reproducible)"""
+    budget_unit: str = "gflop"
+    """what the budget counts, updates only (evaluation excluded): gflop (the FLOPs of the updates, budget.py: the same
+    on every machine, so a run is bit-reproducible), updates, cpu_seconds (this process's CPU time, one thread) or
+    seconds (wall-clock)"""
     evals: int = 10
     """held-out evaluations, evenly spaced over the budget (plus one before training)"""
     eval_batch: int = 512
@@ -68,13 +68,13 @@ class Args(toy.WorldArgs, shortft.ChainArgs):
     save_every: int = 0
     """save a checkpoint every this many updates (0: only at the end)"""
     resume: bool = False
-    """continue from the run folder's newest checkpoint that loads (bit-exact with --budget-unit updates); the
+    """continue from the run folder's newest checkpoint that loads (bit-exact with --budget-unit gflop or updates); the
     settings of the model and the method (RESUME_KEYS) must be the saved run's"""
     threads: int = 1
     """torch CPU threads (one is as fast for this small MLP, and robust on a shared machine)"""
 
 
-RESUME_KEYS = tuple(f.name for f in dataclasses.fields(shortft.ChainArgs)) + \
+RESUME_KEYS = tuple(f.name for f in dataclasses.fields(chain_args.ChainArgs)) + \
     tuple(f.name for f in dataclasses.fields(toy.WorldArgs) if f.name != "cache_dir") + \
     ("seed", "reward", "lora_rank", "lora_alpha", "budget_unit")
 """What --resume keeps: the settings that make the model, the LoRA branches and the method (a resumed run may
@@ -84,9 +84,9 @@ change --lr, --batch-size, --budget, --evals, …)."""
 def check_args(args: Args) -> None:
     """Every argument, in field order, before anything is built: one line `--flag VALUE: what to do` (a ValueError)."""
     if args.method in shortft.METHODS:
-        runio.require(args.num_steps == toy.NUM_STEPS, "num_steps", args.num_steps,
+        runio.require(args.num_steps in (0, toy.NUM_STEPS), "num_steps", args.num_steps,
                       f"the toy world runs SD1.5's {toy.NUM_STEPS}-step grid (its shortcut is distilled on it)")
-    shortft.check_chain_args(args)
+    chain_args.check_chain_args(args)
     toy.check_world_args(args)
     if args.name:
         runio.check_run_name(args.name, out_flag="--out-dir")
@@ -99,8 +99,7 @@ def check_args(args: Args) -> None:
     runio.require_range("lora_alpha", args.lora_alpha, 0, 1e4, low_open=True)
     runio.require_range("batch_size", args.batch_size, 1, toy.MAX_SIZE)
     runio.require_range("budget", args.budget, 0, low_open=True)
-    runio.require(args.budget_unit in (*CLOCKS, "updates"), "budget_unit", args.budget_unit,
-                  "use cpu_seconds, seconds or updates")
+    runio.require(args.budget_unit in budget.UNITS, "budget_unit", args.budget_unit, f"use {', '.join(budget.UNITS)}")
     runio.require_range("evals", args.evals, 1)
     runio.require_range("eval_batch", args.eval_batch, 2, toy.MAX_SIZE)
     runio.require_range("save_every", args.save_every, 0, what="0: only at the end")
@@ -119,13 +118,15 @@ def set_trainable(world: toy.Toy, stage: int) -> tuple[int, ...]:
 
 def train(args: Args, log=print) -> dict:
     """Fine-tune one method for `args.budget`; writes the run folder and returns its summary (final evaluation,
-    updates, seconds per update, the evaluation rows). A new run (not --resume) replaces whatever run the folder held,
+    updates, what they spent, the evaluation rows). A new run (not --resume) replaces whatever run the folder held,
     checkpoints included; the command line (`run`) refuses such a folder instead."""
     torch.set_num_threads(args.threads)
     run_dir = run_folder(args)
     if args.resume:  # before anything is built or written: something to resume, made with these settings
         runio.check_resume(run_dir, args, RESUME_KEYS)
-    points, aware = shortft.layout(args)
+    grid, schedule = shortft.ddim_timesteps(toy.NUM_STEPS), shortft.make_schedule()
+    points, aware = chain_args.layout(args, grid, schedule)
+    k = chain_args.num_stages(args, grid, schedule)
     world = toy.build_toy(args, points, aware, args.lora_rank, args.lora_alpha, args.seed)
     names, params = world.names, world.tuned_params()
     reward_fn, quality = toy.make_reward(args.reward, args), toy.make_reward("quality", args)
@@ -133,15 +134,16 @@ def train(args: Args, log=print) -> dict:
     opt = torch.optim.Adam(params, lr=args.lr)
     torch.manual_seed(args.seed)
     chain_rng = random.Random(args.seed)
-    state = {"update": 0, "spent": 0.0, "skipped": 0, "evals": 0}
+    spent, state = budget.Spent(), {"skipped": 0, "evals": 0}
     if args.resume:  # weights, optimizer, torch/python/numpy RNGs, loop state, chain RNG
         ckpt, weights, saved = runio.resume_checkpoint(run_dir, opt, expect=world.tuned_state())
         world.load_tuned_state(weights)
-        state = {k: saved[k] for k in state}
+        state = {k_: saved[k_] for k_ in state}
+        spent = budget.Spent(**saved["spent"])
         version, internal, gauss = saved["chain_rng"]
         chain_rng.setstate((version, tuple(internal), gauss))
-        runio.keep_jsonl_until(run_dir / "metrics.jsonl", state["update"])  # rows after the checkpoint come again
-        log(f"resumed from {ckpt} at update {state['update']}")
+        runio.keep_jsonl_until(run_dir / "metrics.jsonl", spent.updates)  # rows after the checkpoint come again
+        log(f"resumed from {ckpt} at update {spent.updates}")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -149,21 +151,22 @@ def train(args: Args, log=print) -> dict:
             (run_dir / old).unlink(missing_ok=True)
     runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
     base_reward = reward_fn(toy.sample(world, x_eval, c_eval, shortft.BASE), c_eval).mean().item()
-    grad_evals = {s: shortft.chain_cost(shortft.make_chain(args.method, world.grid, random.Random(0),
-                                                           **shortft.chain_switches(args, s)))["grad"]
-                  for s in sorted({shortft.stage_of(args, i / 100) for i in range(100)})}
+    grad_evals = {s: shortft.chain_cost(shortft.make_chain(args.method, grid, random.Random(0),
+                                                           **chain_args.chain_switches(args, points, s)))["grad"]
+                  for s in range(1, k + 1)}
     log(f"{args.method}: LoRA branches {names} ({sum(p.numel() for p in params)} params) at points {points or 'every step'}; "
         f"gradient evaluations per update by stage {grad_evals}; budget {args.budget:g} {args.budget_unit}; "
         f"base's held-out reward {base_reward:.3f}")
-    clock = CLOCKS.get(args.budget_unit, time.perf_counter)
+    meter = budget.FlopMeter()
 
     def progress() -> float:
-        return min((state["update"] if args.budget_unit == "updates" else state["spent"]) / args.budget, 1.0)
+        return min(spent.of(args.budget_unit) / args.budget, 1.0)
 
     def evaluate() -> dict:  # the ordinary 50-step sampler on the fixed held-out batch, no RNG drawn
         x0 = toy.sample(world, x_eval, c_eval)
         r = reward_fn(x0, c_eval)
-        row = {"update": state["update"], "stage": stage, "time/spent": state["spent"],
+        row = {"update": spent.updates, "stage": stage, "budget/spent": spent.of(args.budget_unit),
+               "compute/gflop": spent.gflop, "time/cpu_s": spent.cpu_seconds,
                "eval/reward_mean": r.mean().item(), "eval/reward_std": r.std().item(),
                "eval/base_reward_mean": base_reward, "eval/quality_mean": quality(x0, c_eval).mean().item()}
         runio.append_jsonl(row, run_dir / "metrics.jsonl")
@@ -172,44 +175,53 @@ def train(args: Args, log=print) -> dict:
 
     def save() -> Path:
         version, internal, gauss = chain_rng.getstate()
-        return runio.save_checkpoint(run_dir, state["update"], world.tuned_state(), opt,
-                                     {**state, "chain_rng": [version, list(internal), gauss]})
+        return runio.save_checkpoint(run_dir, spent.updates, world.tuned_state(), opt,
+                                     {**state, "spent": dataclasses.asdict(spent),
+                                      "chain_rng": [version, list(internal), gauss]})
 
-    stage, trainable = shortft.stage_of(args, progress()), None
+    stage, trainable = chain_args.stage_of(args, progress(), k), None
     if state["evals"] == 0:
         evaluate()
     while progress() < 1.0:
-        stage = shortft.stage_of(args, progress())
+        stage = chain_args.stage_of(args, progress(), k)
         if trainable != shortft.trainable_loras(stage, points, aware):
             trainable = set_trainable(world, stage)
-        t0, w0 = clock(), time.perf_counter()
+        watch = budget.Stopwatch()
         # --- sample ---: x_T ~ N(0, I), random classes (the "prompts"), and this update's chain
         x_T = torch.randn(args.batch_size, 2)
         cond = torch.randint(0, args.classes, (args.batch_size,))
-        chain = shortft.make_chain(args.method, world.grid, chain_rng, **shortft.chain_switches(args, stage))
-        # --- reward ---: L = −mean r(x_0, c), x_0 the end of the training chain
-        loss, r = shortft.reward_loss(x_T, chain, toy.make_denoisers(world, cond), world.schedule,
-                                      lambda x0: reward_fn(x0, cond))
+        chain = shortft.make_chain(args.method, grid, chain_rng, **chain_args.chain_switches(args, points, stage))
+
+        # --- reward ---: L = −mean r(x_0, c), x_0 the end of the training chain, and its gradient
+        def forward_backward():
+            loss, r = shortft.reward_loss(x_T, chain, toy.make_denoisers(world, cond), world.schedule,
+                                          lambda x0: reward_fn(x0, cond))
+            loss.backward()
+            return loss, r
+
+        gflop = meter.gflop(budget.update_kind(chain, args.batch_size, trainable), forward_backward, params)
+        loss, r = forward_backward()
         # --- update ---: one Adam step on the stage's branches; NaN/inf never reaches the weights
-        loss.backward()
         applied, gnorm = shortft.guarded_step(opt, params, args.max_grad_norm)
         state["skipped"] += not applied
-        state["update"] += 1
-        state["spent"] += clock() - t0
-        runio.append_jsonl({"update": state["update"], "stage": stage, "loss": loss.item(), "reward/train": r.mean().item(),
-                            "grad/norm": gnorm, "update/skipped": state["skipped"], "time/update_s": time.perf_counter() - w0,
-                            "time/spent": state["spent"], "chain/grad_evals": shortft.chain_cost(chain)["grad"]},
+        wall = watch.add_to(spent, gflop)
+        runio.append_jsonl({"update": spent.updates, "stage": stage, "loss": loss.item(), "reward/train": r.mean().item(),
+                            "grad/norm": gnorm, "update/skipped": state["skipped"], "time/update_s": wall,
+                            "budget/spent": spent.of(args.budget_unit), "compute/gflop": spent.gflop,
+                            "time/cpu_s": spent.cpu_seconds, "chain/grad_evals": shortft.chain_cost(chain)["grad"]},
                            run_dir / "metrics.jsonl")
         if progress() >= state["evals"] / args.evals:
             evaluate()
-        if args.save_every and state["update"] % args.save_every == 0:
+        if args.save_every and spent.updates % args.save_every == 0:
             save()
     save()
     runio.save_tensors(world.tuned_state(), run_dir / "lora.safetensors",
                        {"points": str(list(points or [])), "timestep_aware": str(aware), "names": ",".join(names)})
     rows = [row for row in runio.read_jsonl(run_dir / "metrics.jsonl") if "eval/reward_mean" in row]
-    return {"final": rows[-1], "updates": state["update"], "spent": state["spent"], "skipped": state["skipped"],
-            "spent_per_update": state["spent"] / max(state["update"], 1), "evals": rows, "run_dir": str(run_dir)}
+    n = max(spent.updates, 1)
+    return {"final": rows[-1], "updates": spent.updates, "spent": dataclasses.asdict(spent), "skipped": state["skipped"],
+            "per_update": {u: spent.of(u) / n for u in budget.UNITS if u != "updates"}, "evals": rows,
+            "run_dir": str(run_dir)}
 
 
 def run_folder(args: Args) -> Path:
@@ -224,7 +236,8 @@ def run(args: Args) -> dict:
         runio.check_fresh(run_folder(args), "--name")
     out = train(args)
     f = out["final"]
-    print(f"{args.method}: {out['updates']} updates in {out['spent']:.1f} {args.budget_unit} "
+    print(f"{args.method}: {out['updates']} updates, {out['spent']['gflop']:.1f} GFLOP, "
+          f"{out['spent']['cpu_seconds']:.1f} CPU-s "
           f"({out['skipped']} skipped); held-out reward {f['eval/reward_mean']:.3f} ± {f['eval/reward_std']:.3f} "
           f"(base {f['eval/base_reward_mean']:.3f}), ring quality {f['eval/quality_mean']:.2f}; {out['run_dir']}")
     return out

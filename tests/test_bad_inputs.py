@@ -215,7 +215,7 @@ TOY_NUMBERS = [("budget", "0", "--budget 0.0: must be a finite number > 0"), ("b
                ("num_steps", "20", "--num-steps 20: the toy world runs SD1.5's 50-step grid"),
                ("segment1_grad_steps", "0", "--segment1-grad-steps 0"),
                ("segment1_grad_steps", "99", "--segment1-grad-steps 99: must be in [1, 12]"),
-               ("draft_k", "0", "--draft-k 0: DRaFT-K needs 1 ≤ K ≤ 50"),
+               ("draft_k", "0", "--draft-k 0: DRaFT-K's K (steps with gradient, at most the chain length) must be in [1, 50], got 0"),
                ("draft_lv_n", "1000000000", "--draft-lv-n 1000000000"),
                ("alignprop_k_min", "60", "--alignprop-k-min 60"), ("refl_last", "0", "--refl-last 0"),
                ("drtune_k", "51", "--drtune-k 51")]
@@ -228,10 +228,10 @@ CASES = [Case("train_toy", [f"--{k.replace('_', '-')}", v], w) for k, v, w in TO
     Case("train_toy", ["--reward", "aesthetic"], "unknown reward 'aesthetic'"),  # an image reward on 2D points
     Case("train_toy", ["--reward", "region,region"], "appears twice"),
     Case("train_toy", ["--lora-points", "760", "501", "261", "1"], "--lora-points 760 501 261 1: LoRA point(s) [760]"),
-    Case("train_toy", ["--lora-points"], "--lora-points (empty): LoRA points are empty"),
+    Case("train_toy", ["--lora-points", "761", "501", "261"], "--lora-points 761 501 261: the last LoRA point must be"),
     Case("train_toy", ["--lora-points", "261", "501", "761", "1"], "strictly decreasing"),
     Case("train_toy", ["--lora-points", "761", "501"], "must be the grid's last step 1"),
-    Case("train_toy", ["--stage-fractions", "1", "2"], "--stage-fractions 1.0 2.0: stage fractions"),
+    Case("train_toy", ["--stage-fractions", "1", "2"], "--stage-fractions 1 2: stage fractions"),
     Case("train_toy", ["--stage-fractions", "1", "1", "1", "-1"], "must be 4 positive numbers"),
     Case("train_toy", ["--prefix", "sideways"], "--prefix sideways"),
     Case("train_toy", ["--budget-unit", "hours"], "--budget-unit hours"),
@@ -363,8 +363,8 @@ CASES = [Case("train_toy", [f"--{k.replace('_', '-')}", v], w) for k, v, w in TO
     Case("bench_sd", ["--seed", "-1"], "--seed -1"),
     Case("bench_sd", ["--out", "{root}/file/bench"], "is a file, not a folder"),
     Case("bench_sd", ["--out", "{root}/folder"], "is a folder"),
-    Case("bench_sd", ["--num-steps", "0"], "--num-steps 0"),
-    Case("bench_sd", ["--draft-k", "11"], "--draft-k 11: DRaFT-K needs 1 ≤ K ≤ 10"),
+    Case("bench_sd", ["--num-steps", "-1"], "--num-steps -1"),
+    Case("bench_sd", ["--draft-k", "11"], "--draft-k 11: DRaFT-K's K (steps with gradient, at most the chain length) must be in [1, 10], got 11"),
 ]
 if not torch.cuda.is_available():
     CASES.append(Case("bench_sd", ["--device", "cuda"], "no CUDA device"))

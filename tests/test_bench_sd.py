@@ -60,7 +60,7 @@ def test_bench_bad_input():
     with pytest.raises(ValueError, match="--method full: is not used by the benchmark"):
         bench_sd.main(bench_sd.Args(tiny=True, device="cpu", method="full"))
     with pytest.raises(ValueError, match="not on the 10-step grid"):
-        bench_sd.main(bench_sd.Args(tiny=True, device="cpu", num_steps=10))
+        bench_sd.main(bench_sd.Args(tiny=True, device="cpu", num_steps=10, lora_points=[761, 1]))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             bench_sd.main(bench_sd.Args(tiny=True, device="cuda"))

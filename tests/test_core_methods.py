@@ -184,7 +184,7 @@ def test_draft_lv_branches():
     outs = shortft.chain_outputs(x_T, chain, den, sch)
     torch.testing.assert_close(loss, torch.stack([(x**2).sum(1).mean() for x in outs]).mean())
     torch.testing.assert_close(r0, -(outs[0] ** 2).sum(1))
-    with pytest.raises(ValueError, match="n ≥ 1"):
+    with pytest.raises(ValueError, match=r"n .* must be in \[1, 10\], got 0"):
         shortft.draft_lv(GRID, n=0)
 
 
@@ -299,13 +299,19 @@ def test_stage_schedule():
     assert shortft.trainable_loras(1, shortft.PAPER_LORA_POINTS) == (0, 1, 2, 3)
     assert shortft.trainable_loras(3, shortft.PAPER_LORA_POINTS) == (2, 3)
     assert shortft.trainable_loras(2, shortft.PAPER_LORA_POINTS, timestep_aware=False) == (0,)
-    args = shortft.ChainArgs()
-    assert [shortft.stage_of(args, p) for p in (0.0, 0.3, 0.6, 0.9)] == [1, 2, 3, 4]
     import dataclasses
-    assert shortft.stage_of(dataclasses.replace(args, progressive=False), 0.9) == 1
-    assert shortft.stage_of(dataclasses.replace(args, method="full"), 0.9) == 1
-    assert shortft.stage_of(dataclasses.replace(args, timestep_aware=False), 0.9) == 4  # one LoRA, chain still staged
-    with pytest.raises(ValueError, match="stage 5 is out of range"):
+
+    import chain_args
+    args, sch = chain_args.ChainArgs(), shortft.make_schedule()
+
+    def stage_of(a, p):
+        return chain_args.stage_of(a, p, chain_args.num_stages(a, GRID50, sch))
+
+    assert [stage_of(args, p) for p in (0.0, 0.3, 0.6, 0.9)] == [1, 2, 3, 4]
+    assert stage_of(dataclasses.replace(args, progressive=False), 0.9) == 1
+    assert stage_of(dataclasses.replace(args, method="full"), 0.9) == 1
+    assert stage_of(dataclasses.replace(args, timestep_aware=False), 0.9) == 4  # one LoRA, chain still staged
+    with pytest.raises(ValueError, match="stage .* must be in \\[1, 4\\], got 5"):
         shortft.trainable_loras(5, shortft.PAPER_LORA_POINTS)
     with pytest.raises(ValueError, match="4 positive numbers"):
         shortft.stage_at(0.5, 4, (1, 1))
@@ -317,10 +323,10 @@ def test_shortft_bad_input_is_one_line():
         (dict(points=(501, 761, 1)), "strictly decreasing"),
         (dict(points=(761, 501)), "last LoRA point must be the grid's last step"),
         (dict(points=()), "empty"),
-        (dict(stage=0), "stage 0 is out of range"),
-        (dict(stage=5), "stage 5 is out of range"),
-        (dict(segment1_grad_steps=13), "segment1_grad_steps=13"),
-        (dict(segment1_grad_steps=0), "segment1_grad_steps=0"),
+        (dict(stage=0), "stage .* must be in \\[1, 4\\], got 0"),
+        (dict(stage=5), "stage .* must be in \\[1, 4\\], got 5"),
+        (dict(segment1_grad_steps=13), "segment1_grad_steps .* got 13"),
+        (dict(segment1_grad_steps=0), "segment1_grad_steps .* got 0"),
         (dict(prefix="jumps"), "unknown prefix"),
     ]
     for kw, msg in cases:
@@ -347,27 +353,35 @@ def test_shortft_any_points_build_a_connected_chain(n):
 
 
 def test_jump_timesteps():
-    assert shortft.jump_timesteps(801, CLEAN, 1) == [801, CLEAN]
-    assert shortft.jump_timesteps(801, CLEAN, 2) == [801, 400, CLEAN]
-    assert shortft.jump_timesteps(999, 499, 4) == [999, 874, 749, 624, 499]
-    assert shortft.jump_timesteps(501, CLEAN, 3) == [501, 334, 166, CLEAN]  # rounded, not truncated
-    pts = shortft.jump_timesteps(21, CLEAN, 22)
+    from shortcut import jump_timesteps
+
+    assert jump_timesteps(801, CLEAN, 1) == [801, CLEAN]
+    assert jump_timesteps(801, CLEAN, 2) == [801, 400, CLEAN]
+    assert jump_timesteps(999, 499, 4) == [999, 874, 749, 624, 499]
+    assert jump_timesteps(501, CLEAN, 3) == [501, 334, 166, CLEAN]  # rounded, not truncated
+    pts = jump_timesteps(21, CLEAN, 22)
     assert pts == list(range(21, -2, -1))
     with pytest.raises(ValueError, match="jumps"):
-        shortft.jump_timesteps(801, 401, 0)
+        jump_timesteps(801, 401, 0)
     with pytest.raises(ValueError, match="cannot split"):
-        shortft.jump_timesteps(5, 3, 3)
+        jump_timesteps(5, 3, 3)
 
 
 def test_check_chain_args():
     import dataclasses
-    args = shortft.ChainArgs()
-    shortft.check_chain_args(args)
+    import chain_args
+
+    args = chain_args.ChainArgs()
+    before = random.getstate()
+    for method in shortft.METHODS:  # checking draws nothing from the global RNG that a run has seeded
+        chain_args.check_chain_args(dataclasses.replace(args, method=method))
+    assert random.getstate() == before
     for kw, msg in [(dict(method="draft"), "--method draft"), (dict(lora_points=[760, 1]), "not on the"),
                     (dict(stage_fractions=[1, 2]), "4 positive"), (dict(segment1_grad_steps=0), "segment1"),
-                    (dict(method="draft_k", draft_k=51), "1 ≤ K ≤ 50"), (dict(num_steps=0), "--num-steps 0")]:
+                    (dict(method="draft_k", draft_k=51), "K .* must be in \\[1, 50\\], got 51"),
+                    (dict(num_steps=-1), "--num-steps -1"), (dict(num_steps=3), "--lora-points .*too short")]:
         with pytest.raises(ValueError, match=msg):
-            shortft.check_chain_args(dataclasses.replace(args, **kw))
+            chain_args.check_chain_args(dataclasses.replace(args, **kw))
 
 
 # ----------------------------------------------------------------------------- make_chain

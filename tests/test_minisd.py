@@ -71,7 +71,7 @@ def test_minisd_sampler_is_diffusers_pipeline(build):
     x_T = torch.randn(2, 4, 4, 4)
     ref = pipe(prompts, num_inference_steps=50, guidance_scale=w, latents=x_T, output_type="latent").images
     c = dict(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
-    schedule, grid = shortft.schedule_from_diffusers(pipe.scheduler.config), shortft.ddim_timesteps(50)
+    schedule, grid = sd.schedule_from_diffusers(pipe.scheduler.config), shortft.ddim_timesteps(50)
     z = minisd.ddim_trajectory(pipe.unet, x_T, conditioning(c, prompts), conditioning(c, [""]), w, grid, schedule)[-1]
     torch.testing.assert_close(z, ref, rtol=1e-4, atol=1e-4)
 
@@ -89,7 +89,7 @@ def test_shortcut_loads_and_jumps_closer_than_the_base(build):
         assert torch.equal(loaded[k.removeprefix("unet.").replace(".weight", ".shortcut.weight")], v), k
     shortcut.set_active_adapters(c["unet"], [])
     w, grid = report["guidance"]["chosen"], shortft.ddim_timesteps(50)
-    schedule = shortft.schedule_from_diffusers(c["scheduler"].config)
+    schedule = sd.schedule_from_diffusers(c["scheduler"].config)
     labels = torch.arange(20) % 10
     cond, uncond = conditioning(c, [minisd.prompt(int(d)) for d in labels]), conditioning(c, [""])
     traj = minisd.ddim_trajectory(c["unet"], torch.randn(20, 4, 4, 4), cond, uncond, w, grid, schedule)
@@ -197,21 +197,28 @@ def test_bad_preset_exits_with_one_line():
     assert r.stderr.strip().splitlines()[-1].startswith("minisd.py: error: unknown preset 'huge'")
 
 
-def test_budget_s_stops_at_the_cpu_budget_and_walks_the_stages(tmp_path):
-    """train_sd.py --budget-s: the run stops at the first update whose cumulative CPU-seconds reach the budget
-    (long before --steps), and ShortFT's progressive stages follow the spent share of it (how many stages a 2 s
-    budget reaches depends on the machine's speed, so the test checks the rule, not the last stage)."""
+@pytest.mark.parametrize("unit, amount", [("cpu_seconds", 2.0), ("gflop", 2.0)])
+def test_budget_stops_at_the_budget_and_walks_the_stages(tmp_path, unit, amount):
+    """train_sd.py --budget: the run stops at the first update whose cumulative spending (CPU-seconds, or GFLOP
+    counted by budget.py) reaches the budget (long before --steps), and ShortFT's progressive stages follow the spent
+    share of it (how many stages a 2 s budget reaches depends on the machine's speed, so the test checks the rule).
+    In GFLOP the run is the same on every machine: the number of updates is fixed by the chains alone."""
+    import chain_args
     import train_sd
 
     run = train_sd.main(train_sd.Args(tiny=True, tiny_dir=str(tmp_path / "tiny"), out_dir=str(tmp_path),
-                                      name="budget", steps=100000, budget_s=2.0, save_every=0))
+                                      name="budget", steps=100000, budget=amount, budget_unit=unit, save_every=0))
     rows = [json.loads(line) for line in (run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
-    spent = [r["time/spent"] for r in rows if "loss" in r]
+    spent = [r["budget/spent"] for r in rows if "loss" in r]
     assert run["update"] == len(spent) < 100000
-    assert spent[-1] >= 2.0 and all(s < 2.0 for s in spent[:-1])
+    assert spent[-1] >= amount and all(s < amount for s in spent[:-1])
     assert spent == sorted(spent)
     stages = [r["stage"] for r in rows if "loss" in r]
-    args = train_sd.Args()
     before = [0.0] + spent[:-1]  # the stage of an update is decided by the budget spent before it
-    assert stages == [shortft.stage_of(args, b / 2.0) for b in before]
+    assert stages == [chain_args.stage_of(train_sd.Args(), b / amount, 4) for b in before]
     assert stages == sorted(stages) and stages[0] == 1 and len(set(stages)) > 1
+    if unit == "gflop":  # the FLOPs of an update depend on its stage's chain only
+        per = {}
+        for r, b in zip((r for r in rows if "loss" in r), [0.0] + spent):
+            per.setdefault(r["stage"], set()).add(round(r["budget/spent"] - b, 9))
+        assert all(len(v) == 1 for v in per.values()) and len(per) == len(set(stages))

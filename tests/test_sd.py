@@ -30,8 +30,8 @@ import train_sd
 ROOT = Path(__file__).resolve().parent.parent
 GRID = shortft.ddim_timesteps(10)  # 901, 801, …, 1
 POINTS = (701, 401, 201, 1)
-RUN_KEYS = {"update", "stage", "loss", "reward/train", "grad/norm", "update/skipped", "time/update_s", "time/spent",
-            "chain/grad_evals"}
+RUN_KEYS = {"update", "stage", "loss", "reward/train", "grad/norm", "update/skipped", "time/update_s", "budget/spent",
+            "time/cpu_s", "chain/grad_evals"}
 EVAL_KEYS = {"update", "eval/reward_mean", "eval/reward_std", "eval/base_reward_mean"}
 
 
@@ -72,7 +72,7 @@ def chain_loss(c, chain, points=POINTS, aware=True):
     den = sd.make_denoisers(c["unet"], sd.encode_prompts(["a cat"], tok, te, cache),
                             sd.encode_prompts([""], tok, te, cache), 7.5, points, aware)
     loss, _ = shortft.reward_loss(torch.randn(1, 4, 16, 16), chain, den,
-                                  shortft.schedule_from_diffusers(c["scheduler"].config),
+                                  sd.schedule_from_diffusers(c["scheduler"].config),
                                   lambda z: sd.decode(c["vae"], z, checkpoint=True).mean((1, 2, 3)))
     return loss
 
@@ -112,8 +112,13 @@ def test_script_bad_input_exits_2_with_one_line():
 
 
 def test_paper_defaults():
+    import chain_args
+
     args = train_sd.Args()
-    assert (args.method, args.shortcut, tuple(args.lora_points)) == ("shortft", "hyper-sd-4", shortft.PAPER_LORA_POINTS)
+    assert (args.method, args.shortcut, args.lora_points, args.num_steps) == ("shortft", "hyper-sd-4", [], 0)
+    grid = sd.grid_from_diffusers(tiny.sd_components()["scheduler"].config, args.num_steps)
+    assert grid == shortft.ddim_timesteps(50)  # num_steps 0: SD1.5's own 50-step sampler
+    assert chain_args.layout(args, grid, shortft.make_schedule()) == (shortft.PAPER_LORA_POINTS, True)
     assert args.lora_rank == 128 and args.timestep_aware and args.progressive and not args.checkpoint_segments
     assert shortcut.SHORTCUTS[args.shortcut].guidance == 0  # no CFG inside the jumps
     assert set(args.lora_targets) == {"to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"}
@@ -255,8 +260,10 @@ def test_baseline_gradient_reaches_exactly_its_lora(tiny_dir, method):
     """Every baseline: one LoRA (tuned_1) at every step gets gradient in every matrix; the shortcut and base none."""
     c, names = components(tiny_dir, n=1)
     sd.set_trainable(c["unet"], sd.stage_adapters(1, None))
-    args = shortft.ChainArgs(method=method, num_steps=10, refl_last=3, drtune_k=2)
-    chain = shortft.make_chain(method, GRID, random.Random(0), **shortft.chain_switches(args))
+    import chain_args
+
+    args = chain_args.ChainArgs(method=method, num_steps=10, refl_last=3, drtune_k=2)
+    chain = shortft.make_chain(method, GRID, random.Random(0), **chain_args.chain_switches(args, None))
     chain_loss(c, chain, points=None, aware=False).backward()
     got = grads_by_adapter(c["unet"])
     assert all(got["tuned_1"]) and not any(got[sd.SHORTCUT_ADAPTER]) and not any(got["base"])
@@ -373,7 +380,7 @@ def test_bad_input_one_line_errors(tiny_dir, tmp_path, change, error, words):
 
 
 def test_stage_out_of_range_and_lora_folder_without_json(tmp_path):
-    with pytest.raises(ValueError, match="stage 5 is out of range") as e:
+    with pytest.raises(ValueError, match=r"stage .* must be in \[1, 4\], got 5") as e:
         sd.stage_adapters(5, POINTS)
     assert "\n" not in str(e.value)
     unet = tiny.sd_components()["unet"]
@@ -443,6 +450,6 @@ def test_bf16_chain_close_to_fp32(tiny_dir):
         x = torch.randn(1, 4, 16, 16, device="cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
             z = shortft.run_chain(x, shortft.shortft(shortft.ddim_timesteps(50)).trunk, den,
-                                  shortft.schedule_from_diffusers(c["scheduler"].config))
+                                  sd.schedule_from_diffusers(c["scheduler"].config))
         losses.append(sd.decode(c["vae"], z).mean().float().item())
     assert losses[1] == pytest.approx(losses[0], abs=2e-2)

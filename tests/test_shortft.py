@@ -17,6 +17,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+import measure_toy
+import sd
 import shortft
 from shortft import CLEAN, X0, Segment
 
@@ -42,8 +44,8 @@ def test_make_schedule_matches_diffusers(beta_schedule, set_alpha_to_one):
     assert ours.alpha_bar(CLEAN) == ours.final_alpha_cumprod
     if not set_alpha_to_one:  # SD1.5: the chain ends at ᾱ_0, not at 1
         assert ours.alpha_bar(CLEAN) == ours.alpha_bar(0) < 1
-    assert shortft.schedule_from_diffusers(ref.config).final_alpha_cumprod == ours.final_alpha_cumprod
-    torch.testing.assert_close(shortft.schedule_from_diffusers(ref.config).alphas_cumprod, ours.alphas_cumprod)
+    assert sd.schedule_from_diffusers(ref.config).final_alpha_cumprod == ours.final_alpha_cumprod
+    torch.testing.assert_close(sd.schedule_from_diffusers(ref.config).alphas_cumprod, ours.alphas_cumprod)
 
 
 def test_alpha_bar_special_points_and_errors():
@@ -91,7 +93,7 @@ def test_ddim_step_matches_diffusers(shape, spacing, eta):
     n = 10
     ref = ddim_scheduler(timestep_spacing=spacing)
     ref.set_timesteps(n)
-    sch = shortft.schedule_from_diffusers(ref.config)
+    sch = sd.schedule_from_diffusers(ref.config)
     grid = shortft.ddim_timesteps(n, spacing=spacing)
     for i in (0, 3, n - 2, n - 1):  # first, middle, last-but-one and the final step to CLEAN
         t, s = grid[i], _successor(grid, i)
@@ -135,7 +137,7 @@ def test_ddim_step_per_sample_alpha_bar():
 def test_add_noise_matches_diffusers(scheduler_cls):
     kw = {k: v for k, v in SD15.items() if k != "set_alpha_to_one" or scheduler_cls is DDIMScheduler}
     ref = scheduler_cls(**kw)
-    sch = shortft.schedule_from_diffusers(ref.config)
+    sch = sd.schedule_from_diffusers(ref.config)
     x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
     ts = torch.tensor([0, 250, 781, 999])
     expected = ref.add_noise(x0, noise, ts)
@@ -220,13 +222,13 @@ def test_grad_false_segments_cut_the_graph():
     assert not out.requires_grad
 
 
-@pytest.mark.parametrize("detach_eps", [False, True])
-def test_detach_input_leaves_only_the_skip_path(detach_eps):
+@pytest.mark.parametrize("detach_output", [False, True])
+def test_detach_input_leaves_only_the_skip_path(detach_output):
     """DRTune: with sg(x_t) as denoiser input, ∂x_s/∂x_t = √ᾱ_s/√ᾱ_t · I exactly."""
     sch, net = shortft.make_schedule(), TinyDenoiser()
     t, s = 741, 501
     x_t = torch.randn(3, 2, dtype=torch.float64)
-    seg = Segment("tuned", t, s, detach_input=True, detach_eps=detach_eps)
+    seg = Segment("tuned", t, s, detach_input=True, detach_output=detach_output)
     jac = torch.autograd.functional.jacobian(lambda x: shortft.apply_segment(x, seg, {"tuned": net}, sch), x_t)
     coef = (sch.alpha_bar(s) / sch.alpha_bar(t)) ** 0.5
     torch.testing.assert_close(jac.reshape(6, 6), coef * torch.eye(6, dtype=torch.float64), rtol=1e-12, atol=1e-12)
@@ -234,11 +236,11 @@ def test_detach_input_leaves_only_the_skip_path(detach_eps):
     plain = Segment("tuned", t, s)
     jac_plain = torch.autograd.functional.jacobian(lambda x: shortft.apply_segment(x, plain, {"tuned": net}, sch), x_t)
     assert (jac_plain.reshape(6, 6) - coef * torch.eye(6, dtype=torch.float64)).abs().max() > 1e-3
-    # detach_eps: the parameters get nothing; detach_input alone: they do
+    # detach_output: the parameters get nothing; detach_input alone: they do
     net.zero_grad()
     shortft.apply_segment(x_t.clone().requires_grad_(True), seg, {"tuned": net}, sch).sum().backward()
     got = [p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters()]
-    assert not any(got) if detach_eps else all(got)
+    assert not any(got) if detach_output else all(got)
 
 
 def test_checkpointed_detach_segments_match_plain():
@@ -297,6 +299,37 @@ def test_guarded_step_restores_weights_that_a_step_made_non_finite(lr):
     assert all(p.grad is None for p in params)
 
 
+def test_guarded_step_reads_a_parameter_generator_once():
+    """`model.parameters()` is a generator: the gradient norm must not use it up before clipping, the NaN/inf guard
+    and the step see it (a norm-2e6 gradient applied unclipped, or lr = inf weights reported as applied)."""
+    net, loss, _ = _toy_update(1e6)
+    params = list(net.parameters())
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in params]
+    norm = float(torch.stack([g.norm() for g in grads]).norm())
+    before = [p.detach().clone() for p in params]
+    applied, got = shortft.guarded_step(torch.optim.SGD(params, lr=0.1), net.parameters(), max_grad_norm=1.0)
+    assert applied is True and got == pytest.approx(norm, rel=1e-6) and norm > 1e3
+    step = torch.cat([(b - p.detach()).flatten() for p, b in zip(params, before)]).norm()
+    assert float(step) == pytest.approx(0.1, rel=1e-5)  # clipped to norm 1, times lr
+    net, loss, _ = _toy_update(1.0)
+    loss.backward()
+    before = [p.detach().clone() for p in net.parameters()]
+    applied, _ = shortft.guarded_step(torch.optim.SGD(net.parameters(), lr=float("inf")), net.parameters())
+    assert applied is False and all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+@pytest.mark.parametrize("bad, error", [(float("nan"), ValueError), (-1.0, ValueError), ("1", ValueError),
+                                        (float("inf"), ValueError)])
+def test_guarded_step_refuses_a_meaningless_clip(bad, error):
+    net, loss, _ = _toy_update(1.0)
+    loss.backward()
+    with pytest.raises(error, match="max_grad_norm"):
+        shortft.guarded_step(torch.optim.SGD(net.parameters(), lr=0.1), net.parameters(), max_grad_norm=bad)
+    with pytest.raises(TypeError, match="parameters must be tensors"):
+        shortft.guarded_step(torch.optim.SGD(net.parameters(), lr=0.1), [1.0, 2.0])
+
+
 def test_guarded_step_applies_clipped_update():
     net, loss, _ = _toy_update(1.0)
     params = list(net.parameters())
@@ -325,12 +358,15 @@ def test_reward_loss_is_minus_mean_reward():
     torch.testing.assert_close(rewards, expected.detach())
     torch.testing.assert_close(loss, -expected.mean())
     assert not rewards.requires_grad and loss.requires_grad
+    for bad in (lambda x: -(x**2).sum(), lambda x: -(x**2), lambda x: [0.0] * len(x)):
+        with pytest.raises(ValueError, match="one value per sample, shape \\(5,\\)"):
+            shortft.reward_loss(x_T, chain, {"tuned": net}, sch, bad)
 
 
 def test_cosine_and_grad_norm():
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
-    assert shortft.cosine(a, b) == pytest.approx(2**-0.5)
-    assert shortft.cosine(a, -a) == pytest.approx(-1.0)
+    assert measure_toy.cosine(a, b) == pytest.approx(2**-0.5)
+    assert measure_toy.cosine(a, -a) == pytest.approx(-1.0)
     p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     p.grad, q.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
     assert float(shortft.grad_norm([p, q])) == pytest.approx(5.0)

@@ -145,7 +145,11 @@ def test_train_toy_entry_point_end_to_end(cache, tmp_path):
     assert evals[0]["eval/reward_mean"] == evals[0]["eval/base_reward_mean"]  # B = 0: the tuned model is the base
     assert {re.search(r"\.(tuned_\d)\.", k).group(1) for k in runio.load_tensors(run / "lora.safetensors")} == \
         {"tuned_1", "tuned_2", "tuned_3", "tuned_4"}
-    assert json.loads((run / "args.json").read_text())["lora_points"] == list(P)
+    assert json.loads((run / "args.json").read_text())["lora_points"] == []  # the paper's, mapped to the grid:
+    from safetensors import safe_open
+
+    with safe_open(str(run / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["points"] == str(list(P))
 
 
 @pytest.mark.parametrize("method, resume_from", [("shortft", 3), ("shortft", 6), ("alignprop", 3)])

@@ -1,0 +1,126 @@
+"""Equal compute in a unit that does not depend on the machine: the FLOPs of each training update.
+
+Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning", ICCV 2025,
+https://arxiv.org/abs/2507.22604 — Table 1 compares methods at equal compute (6 h on 2 A800 GPUs). Seconds of one
+machine do not transfer to another, nor to the same machine under other load; FLOPs do. Nothing here is the method.
+
+What is counted: every matrix multiplication, convolution and attention of an update, forward and backward (the
+backward of a layer costs what it costs: ≈ 2× its forward where weights get gradients, ≈ 1× where only the input
+does, and a checkpointed step is recomputed in backward), in the denoiser calls, the decoder and the reward —
+exactly what torch's `FlopCounterMode` counts, plus the CPU flash-attention kernels it does not register. Element-wise
+work and the optimizer step are not counted. The FLOPs of an update depend only on its *kind* (the chain's segments,
+the batch size and which parameters are trained), so each kind is counted once, on its first update, and looked up
+afterwards: the count costs nothing after that, and it is the same on any machine and in any run.
+
+    GFLOP         10⁹ floating-point operations (a multiply-add is 2)
+    kind          (chain segments, batch size, trained branches) of an update
+    spent         what a run's updates have used so far: updates, GFLOP, CPU-seconds, wall-seconds
+
+Run: python -c "import budget, torch; f = torch.nn.Linear(8, 8); \
+print(budget.FlopMeter().gflop('x', lambda: f(torch.randn(4, 8)).sum().backward(), f.parameters()))"
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterable
+
+import torch
+
+UNITS = ("gflop", "cpu_seconds", "seconds", "updates")
+"""Budget units: GFLOP (machine-independent, the default for tables), CPU-seconds of this process (time.process_time),
+wall-clock seconds, updates."""
+
+
+def _flop_mode():
+    """torch's FlopCounterMode with the CPU flash-attention kernels added (PyTorch registers only the CUDA ones, so on
+    a CPU every attention would count 0)."""
+    from torch.utils import flop_counter as fc
+
+    def forward(q, k, v, *args, out_shape=None, **kwargs):  # shapes, as torch's own sdpa formula
+        return fc.sdpa_flop_count(q, k, v)
+
+    def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, q, k, v)
+
+    aten = torch.ops.aten
+    extra = {getattr(aten, op): formula for op, formula in (("_scaled_dot_product_flash_attention_for_cpu", forward),
+                                                            ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                                                             backward)) if hasattr(aten, op)}
+    return fc.FlopCounterMode(display=False, custom_mapping=extra)
+
+
+class FlopMeter:
+    """FLOPs per kind of update, each counted once. `meter.gflop(kind, forward_backward, params)` runs
+    `forward_backward()` (the update's forward and backward) under FlopCounterMode the first time `kind` is seen, as
+    a dry run: the gradients it leaves on `params` are discarded and the RNGs restored. The real update runs after
+    it, untouched: under the mode PyTorch may round differently, and a measured update must be bit-identical to an
+    unmeasured one (a resumed run counts its kinds again)."""
+
+    def __init__(self):
+        self.flops: dict[Hashable, int] = {}
+
+    def gflop(self, kind: Hashable, forward_backward: Callable[[], object], params: Iterable[torch.Tensor]) -> float:
+        """The update's GFLOP, counted by a dry run of `forward_backward` if `kind` is new."""
+        if kind not in self.flops:
+            params = list(params)
+            kept = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+            with torch.random.fork_rng(devices=devices):
+                mode = _flop_mode()
+                with mode:
+                    forward_backward()
+            for p, g in zip(params, kept):
+                p.grad = g
+            self.flops[kind] = int(mode.get_total_flops())
+        return self.flops[kind] / 1e9
+
+
+def update_kind(chain, batch_size: int, trained: tuple) -> tuple:
+    """The key of an update's FLOPs: its chain's segments (trunk and branches), the batch size and the trained
+    branches (what gets weight gradients)."""
+    return tuple(chain.trunk), tuple(tuple(b) for b in chain.branches), int(batch_size), tuple(trained)
+
+
+def count_flops(fn, *args, **kwargs) -> tuple[object, int]:
+    """(fn(*args, **kwargs), its FLOPs): for one-off counts such as one denoiser call, the unit of forward-equivalents."""
+    mode = _flop_mode()
+    with mode:
+        out = fn(*args, **kwargs)
+    return out, int(mode.get_total_flops())
+
+
+@dataclass
+class Spent:
+    """What a run's updates have used so far (evaluation and saving excluded). Saved in checkpoints, so a resumed run
+    continues with the same progress."""
+
+    updates: int = 0
+    gflop: float = 0.0
+    cpu_seconds: float = 0.0
+    seconds: float = 0.0
+
+    def of(self, unit: str) -> float:
+        """The amount spent in `unit` (one of UNITS)."""
+        if unit not in UNITS:
+            raise ValueError(f"unknown budget unit {unit!r}: use one of {', '.join(UNITS)}")
+        return float(getattr(self, unit))
+
+
+class Stopwatch:
+    """CPU- and wall-seconds of one update: `watch = Stopwatch()` before it, `watch.add_to(spent, gflop)` after."""
+
+    def __init__(self):
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+
+    def add_to(self, spent: Spent, gflop: float) -> float:
+        """Adds this update (and its GFLOP) to `spent`; returns its wall-seconds."""
+        wall = time.perf_counter() - self.wall0
+        spent.updates += 1
+        spent.gflop += gflop
+        spent.cpu_seconds += time.process_time() - self.cpu0
+        spent.seconds += wall
+        return wall

@@ -1,0 +1,155 @@
+"""The chain's command-line switches, shared by every world and script: one flag, one meaning, one default.
+
+Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning", ICCV 2025,
+https://arxiv.org/abs/2507.22604 — Sec. 3 (LoRA points, timestep-aware LoRA, progressive training) and the baselines
+of its Table 1. This file is glue, not the method: it turns `ChainArgs` into the keyword arguments of
+`shortft.make_chain` and checks them against the world's grid before anything is built. `train_toy.Args`,
+`train_sd.Args` and `bench_sd.Args` extend `ChainArgs`.
+
+Notation (code -> paper): points p_1 > … > p_k the LoRA points; stage i of progressive training; progress ∈ [0, 1] the
+share of the training budget spent; grid τ_N > … > τ_1 the world's sampler (SD1.5 and the toy: 50 DDIM steps
+981 … 1; SD3: 28 Euler steps on σ·1000).
+
+Run: python -c "import chain_args, shortft; a = chain_args.ChainArgs(); g = shortft.ddim_timesteps(50); \
+print(chain_args.layout(a, g, shortft.make_schedule()))"
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import shortft
+
+
+@dataclass
+class ChainArgs:
+    """The chain's switches, shared by every world: `train_toy.Args` and `train_sd.Args` extend this class, so a flag
+    means the same thing, with the same default, in both scripts."""
+
+    method: str = "shortft"
+    """shortft | full | draft_k | draft_lv | alignprop | refl | drtune (shortft.METHODS)"""
+    num_steps: int = 0
+    """N, steps of the sampler being fine-tuned (0: the world's own: 50 DDIM steps 981 … 1 for SD1.5 and the toy, 28
+    Euler steps for SD3)"""
+    lora_points: list[float] = field(default_factory=list)
+    """ShortFT: LoRA points p_1 > … > p_k, timesteps of the grid (the last is the grid's last step); k segments. Empty:
+    the paper's 761 501 261 1 on SD1.5's 50-step grid, and on any other grid the steps of the same noise level
+    (shortft.paper_points)"""
+    timestep_aware: bool = True
+    """ShortFT: one stacked LoRA branch per point (LoRA_i = LoRA_{i−1} + a new branch); --no-timestep-aware is the
+    paper's ablation: one LoRA shared at the same places"""
+    progressive: bool = True
+    """ShortFT: progressive training in k stages; --no-progressive is the paper's ablation (stage 1 throughout)"""
+    stage_fractions: list[float] = field(default_factory=list)
+    """ShortFT: share of the training budget each stage gets (empty: k equal shares)"""
+    segment1_grad_steps: int = 1
+    """ShortFT: steps of segment 1 (τ_N … p_1) that carry gradient in stage 1 (1: only the last; all of them: 12 on
+    SD1.5's grid)"""
+    prefix: str = "original"
+    """ShortFT: what runs before p_i in stage i ≥ 2: 'original' (the N-step chain) or 'shortcut' (no-grad jumps)"""
+    checkpoint_segments: bool = False
+    """ShortFT: gradient-checkpoint each gradient step of its chain (off, as in the paper; on for small GPUs). The
+    baselines always checkpoint their gradient steps"""
+    draft_k: int = 1
+    """DRaFT-K: K, steps with gradient at the end of the chain"""
+    draft_lv_n: int = 2
+    """DRaFT-LV: re-noised copies n (at most N: each costs one gradient evaluation)"""
+    alignprop_k_min: int = 1
+    """AlignProp: smallest truncation length"""
+    alignprop_k_max: int = 0
+    """AlignProp: largest truncation length (0: N, the whole chain)"""
+    refl_last: int = 10
+    """ReFL: the graded step is drawn among the last this many steps"""
+    drtune_k: int = 5
+    """DRTune: steps whose denoiser output carries gradient"""
+
+
+def layout(args: ChainArgs, grid: Sequence[float], schedule) -> tuple[tuple[float, ...] | None, bool]:
+    """(LoRA points, timestep-aware) of the method on `grid`: ShortFT's points (`--lora-points`, or the paper's mapped
+    to the grid by `shortft.paper_points`); None (one LoRA at every step) for every baseline."""
+    if args.method != "shortft":
+        return None, False
+    if args.lora_points:
+        return shortft.check_lora_points(args.lora_points, grid), args.timestep_aware
+    return shortft.paper_points(grid, schedule), args.timestep_aware
+
+
+def num_stages(args: ChainArgs, grid: Sequence[float], schedule) -> int:
+    """Progressive stages of the run: k for ShortFT with progressive training, else 1."""
+    points, _ = layout(args, grid, schedule)
+    return len(points) if points and args.progressive else 1
+
+
+def stage_of(args: ChainArgs, progress: float, k: int) -> int:
+    """The stage at `progress` ∈ [0, 1] of the budget among `k` = `num_stages(…)` stages (`shortft.stage_at`).
+    Without timestep-aware LoRA the stages still change the chain (original prefix down to p_i); only the one shared
+    LoRA is trained in all of them, so each Table 3 ablation changes exactly one thing."""
+    return shortft.stage_at(progress, k, args.stage_fractions) if k > 1 else 1
+
+
+def chain_switches(args: ChainArgs, points: Sequence[float] | None, stage: int = 1) -> dict:
+    """The keyword arguments `make_chain(args.method, grid, rng, **…)` needs, from the shared arguments and the points
+    `layout` resolved."""
+    return {
+        "shortft": dict(points=tuple(points or ()), stage=stage, segment1_grad_steps=args.segment1_grad_steps,
+                        prefix=args.prefix, checkpoint=args.checkpoint_segments),
+        "full": {}, "draft_k": dict(k=args.draft_k), "draft_lv": dict(n=args.draft_lv_n),
+        "alignprop": dict(k_min=args.alignprop_k_min, k_max=args.alignprop_k_max or None),
+        "refl": dict(last=args.refl_last), "drtune": dict(k=args.drtune_k),
+    }[args.method]
+
+
+def check_chain_args(args: ChainArgs, grid: Sequence[float] | None = None, schedule=None) -> None:
+    """One-line errors `--flag VALUE: what is wrong` for chain settings that cannot work on `grid` (default: the
+    N-step DDIM grid of SD1.5's schedule), before any model is built, in field order: every switch against the grid
+    (also the switches of methods other than `method`, which a benchmark times with the same arguments), ShortFT's
+    layout when the method is ShortFT, then the method's chain for stage 1 and for its last stage."""
+
+    def check(name: str, test: Callable[[], object]) -> None:
+        try:
+            test()
+        except (ValueError, TypeError) as e:
+            value = getattr(args, name)
+            shown = " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) \
+                if isinstance(value, (list, tuple)) else str(value)
+            raise ValueError(f"--{name.replace('_', '-')} {shown or '(empty)'}: {e}") from None
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(what)
+
+    check("method", lambda: need(args.method in shortft.BUILDERS,
+                                 f"unknown method; choose one of {', '.join(shortft.METHODS)}"))
+    check("num_steps", lambda: need(isinstance(args.num_steps, int) and 0 <= args.num_steps <= 1000,
+                                    "must be in [0, 1000] (0: the world's own sampler)"))
+    if grid is None:
+        grid, schedule = shortft.ddim_timesteps(args.num_steps or 50), shortft.make_schedule()
+    n = len(grid)
+    points = None
+    if args.method == "shortft":
+        if args.lora_points:
+            check("lora_points", lambda: shortft.check_lora_points(args.lora_points, grid))
+        else:
+            check("lora_points", lambda: shortft.paper_points(grid, schedule))
+        points, _ = layout(args, grid, schedule)
+        check("stage_fractions", lambda: shortft.stage_at(0.0, len(points), args.stage_fractions))
+        seg1 = len([t for t in grid if t >= points[0]])
+        check("segment1_grad_steps", lambda: need(1 <= args.segment1_grad_steps <= seg1,
+                                                  f"must be in [1, {seg1}] (segment 1 has {seg1} steps)"))
+    else:
+        check("stage_fractions", lambda: need(all(f > 0 for f in args.stage_fractions), "must be positive numbers"))
+        check("segment1_grad_steps", lambda: need(args.segment1_grad_steps >= 1, "must be ≥ 1"))
+    check("prefix", lambda: need(args.prefix in ("original", "shortcut"), "use 'original' or 'shortcut'"))
+    check("draft_k", lambda: shortft.draft_k(grid, args.draft_k))
+    check("draft_lv_n", lambda: need(1 <= args.draft_lv_n <= n, f"DRaFT-LV needs 1 ≤ n ≤ {n} re-noised copies (each "
+                                                                 "costs one gradient evaluation)"))
+    check("alignprop_k_min", lambda: need(1 <= args.alignprop_k_min <= n, f"AlignProp needs 1 ≤ k_min ≤ {n}"))
+    rng = random.Random(0)  # the checks draw nothing from the global RNGs a run is seeded with
+    check("alignprop_k_max", lambda: shortft.alignprop(grid, args.alignprop_k_min, args.alignprop_k_max or None, rng))
+    check("refl_last", lambda: shortft.refl(grid, args.refl_last, rng))
+    check("drtune_k", lambda: shortft.drtune(grid, args.drtune_k, rng))
+    k = len(points) if points is not None and args.progressive else 1
+    for stage in {1, k}:
+        check("method", lambda: shortft.make_chain(args.method, grid, rng, **chain_switches(args, points, stage)))
