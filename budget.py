@@ -29,8 +29,8 @@ from typing import Callable, Hashable, Iterable
 import torch
 
 UNITS = ("gflop", "cpu_seconds", "seconds", "updates")
-"""Budget units: GFLOP (machine-independent, the default for tables), CPU-seconds of this process (time.process_time),
-wall-clock seconds, updates."""
+"""Budget units: GFLOP (machine-independent, the default for tables), CPU-seconds (time.process_time; a run of several
+processes counts all of them together), wall-clock seconds, updates."""
 
 
 def _flop_mode():
@@ -116,11 +116,15 @@ class Stopwatch:
     def __init__(self):
         self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
 
-    def add_to(self, spent: Spent, gflop: float) -> float:
-        """Adds this update (and its GFLOP) to `spent`; returns its wall-seconds."""
-        wall = time.perf_counter() - self.wall0
+    def add_to(self, spent: Spent, gflop: float,
+               combine: Callable[[float, float, float], tuple[float, float, float]] | None = None) -> float:
+        """Adds this update (and its GFLOP) to `spent`; returns its wall-seconds. `combine` maps this process's
+        (GFLOP, CPU-seconds, wall-seconds) to the whole run's when several processes share each update
+        (`sd.update_cost`: GFLOP and CPU-seconds summed, wall-seconds of the slowest)."""
+        cost = (gflop, time.process_time() - self.cpu0, time.perf_counter() - self.wall0)
+        gflop, cpu, wall = combine(*cost) if combine else cost
         spent.updates += 1
         spent.gflop += gflop
-        spent.cpu_seconds += time.process_time() - self.cpu0
+        spent.cpu_seconds += cpu
         spent.seconds += wall
         return wall

@@ -505,14 +505,124 @@ def check_model(unet, vae, resolution: int, lora_targets) -> None:
 
 def guarded_update(accelerator, optimizer, params, max_grad_norm: float) -> tuple[bool, float]:
     """`shortft.guarded_step` under accelerate: gradients averaged over processes and unscaled (fp16) first; a
-    NaN/inf gradient is dropped and lowers the fp16 loss scale. Returns (applied, norm before clipping)."""
-    if accelerator.num_processes > 1:
+    NaN/inf gradient is dropped and lowers the fp16 loss scale. Returns (applied, norm before clipping).
+
+    Several processes: one all-reduce of every gradient (mean) gives each process the same gradient bit for bit, so
+    every process takes the same decision (applied or skipped, the same clipping) and holds the same weights after
+    it. A parameter that no process has a gradient for keeps none, so AdamW leaves it (and its moments) alone as in
+    one process; one that only some processes have a gradient for counts zero on the others."""
+    params = list(params)
+    if accelerator.num_processes > 1 and params:
+        has = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
+        flat = accelerator.reduce(torch.cat([g.flatten().float() for g in grads] + [has]), reduction="mean")
+        keep = (flat[-len(params):] > 0).tolist()
+        for p, g, k in zip(params, flat[: -len(params)].split([p.numel() for p in params]), keep):
+            p.grad = g.view_as(p).to(p.dtype) if k else None
     accelerator.unscale_gradients()
     applied, norm = shortft.guarded_step(optimizer, params, max_grad_norm)
     if not math.isfinite(norm) and accelerator.scaler is not None:
         accelerator.scaler.update()  # optimizer.step(), which updates the scale, was skipped
     return applied, norm
+
+
+# ----------------------------------------------------------------------------- several processes
+# One run, N processes (torchrun, `accelerate launch --multi_gpu`): every process draws the same random numbers (the
+# same seed), so each draws the whole batch of N × B prompts, noise and one chain and keeps its own B (rank r: the
+# r-th slice). The run is then one process at batch N × B by construction, and every process's random streams equal
+# the main process's, which is what a checkpoint stores. Only the main process writes.
+
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+"""Where launchers put the number of processes (torchrun; MPI implementations), as accelerate reads them."""
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started for this run (1 without a launcher). RunError where `accelerate launch
+    --num_processes N` started a single process: it runs several only with --multi_gpu (or under MPI with --cpu) and
+    otherwise silently trains one process at 1/N of the batch asked for."""
+    n = max(int(os.environ.get(v) or 1) for v in WORLD_SIZE_VARS)
+    if n == 1 and "ACCELERATE_DYNAMO_BACKEND" in os.environ and "MASTER_ADDR" in os.environ:
+        # accelerate's one-process launcher sets MASTER_ADDR only when more than one process was asked for
+        raise runio.RunError("accelerate launch --num_processes N started a single process (accelerate starts several "
+                             "only with --multi_gpu, or under MPI with --cpu): run `accelerate launch --multi_gpu "
+                             "--num_processes N train_sd.py …` or `torchrun --nproc_per_node N train_sd.py …` "
+                             "(on a machine without GPUs, the processes then share the CPU through gloo)")
+    return n
+
+
+PROCESS_GROUP_TIMEOUT_S = 2 * 3600
+"""How long processes wait for each other in a collective: the others wait for the main one while it evaluates and
+writes checkpoints alone (torch's defaults: 30 min for gloo, 10 min for NCCL)."""
+
+
+def make_accelerator(**kwargs):
+    """accelerate's Accelerator(**kwargs), joined by every process the launcher started. On a machine without an
+    accelerator (GPU, XPU, …) several processes talk through gloo on the CPU: accelerate would otherwise start each
+    one alone, training and writing the same run folder independently. RunError if the processes did not join."""
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    n = launched_processes()
+    wait = InitProcessGroupKwargs(timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+    accelerator = Accelerator(cpu=n > 1 and not torch.accelerator.is_available(), kwargs_handlers=[wait], **kwargs)
+    if accelerator.num_processes != n:
+        raise runio.RunError(f"{n} processes were launched but accelerate joined {accelerator.num_processes} of them "
+                             "(each would train alone): launch with torchrun or `accelerate launch --multi_gpu`")
+    return accelerator
+
+
+def batch_share(accelerator, batch_size: int) -> slice:
+    """This process's part of the whole batch of `num_processes × batch_size` draws: the rank-th slice."""
+    return slice(accelerator.process_index * batch_size, (accelerator.process_index + 1) * batch_size)
+
+
+def gather_mean(accelerator, values: torch.Tensor) -> float:
+    """The mean of `values` over every process's (the whole batch's), the same number on each process."""
+    return accelerator.gather(values.detach().float().reshape(-1)).mean().item()
+
+
+def update_cost(accelerator, gflop: float, cpu_seconds: float, seconds: float) -> tuple[float, float, float]:
+    """What one update cost the run, the same numbers on every process: GFLOP and CPU-seconds summed over the processes
+    (so N processes at batch B spend what one process at batch N × B does), wall-seconds of the slowest one. A budget
+    measured per process would let processes disagree on when a stage starts or the run stops, and hang."""
+    if accelerator.num_processes == 1:
+        return gflop, cpu_seconds, seconds
+    each = accelerator.gather(torch.tensor([[gflop, cpu_seconds, seconds]], dtype=torch.float64,
+                                           device=accelerator.device)).cpu()
+    return float(each[:, 0].sum()), float(each[:, 1].sum()), float(each[:, 2].max())
+
+
+def run_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the weights' bytes and of the random streams (Python, numpy, torch CPU): what processes of one run
+    must agree on."""
+    import hashlib
+    import random
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name, w in sorted(weights.items()):
+        h.update(name.encode())
+        h.update(w.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    h.update(torch.get_rng_state().numpy().tobytes())
+    h.update(repr(random.getstate()).encode())
+    kind, keys, *rest = np.random.get_state()
+    h.update(keys.tobytes() + repr((kind, *rest)).encode())
+    return h.hexdigest()
+
+
+def check_processes_agree(accelerator, weights: Mapping[str, torch.Tensor], update: int) -> None:
+    """RunError (on every process) unless all processes hold the same weights bit for bit and the same random
+    streams: run before each checkpoint and before the final save, so a run whose gradients were not averaged, or
+    whose processes drew differently, stops loudly instead of saving one process's half-trained weights."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    digests = gather_object([run_digest(weights)])
+    if len(set(digests)) > 1:
+        raise runio.RunError(f"update {update}: the {len(digests)} processes hold different LoRA weights or random "
+                             "streams (gradients not averaged, different checkpoints loaded, or one process drew "
+                             f"random numbers the others did not): stopped before writing anything for update {update}")

@@ -22,6 +22,7 @@ import random
 import shutil
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,8 +77,9 @@ class Args(chain_args.ChainArgs):
     """also stop once the updates have spent this much of --budget-unit (update time only: evaluation and saving
     excluded); progressive stages are then fractions of the larger of the two spent shares (0: --steps only)"""
     budget_unit: str = "gflop"
-    """what --budget counts: gflop (the FLOPs of the updates, budget.py: the same on every machine), cpu_seconds (this
-    process, time.process_time) or seconds (wall-clock)"""
+    """what --budget counts: gflop (the FLOPs of the updates, budget.py: the same on every machine), cpu_seconds
+    (time.process_time) or seconds (wall-clock); several processes: GFLOP and CPU-seconds of all of them together, the
+    wall-seconds of the slowest"""
     batch_size: int = 1
     """prompts per micro-batch and process"""
     grad_accum: int = 1
@@ -225,8 +227,8 @@ def user_error(e: Exception) -> runio.RunError:
 
 
 def main(args: Args) -> dict:
-    """Train; returns {"run_dir", "update", "skipped", "eval", "args"}."""
-    from accelerate import Accelerator
+    """Train; returns {"run_dir", "update", "skipped", "eval", "args", "spent", "weights"} (weights: this process's
+    LoRA branches by parameter name; several processes hold the same ones)."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging
@@ -246,8 +248,13 @@ def main(args: Args) -> dict:
         runio.check_resume(run_dir, args, RESUME_KEYS)
     else:
         runio.check_fresh(run_dir, "--name")
-    if args.tiny:
-        apply_tiny(args)
+    accelerator = sd.make_accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
+                                      log_with=args.log_with or None, project_dir=str(run_dir))
+    device, main_proc = accelerator.device, accelerator.is_main_process
+    if args.tiny:  # built by the main process alone, then read by all
+        if main_proc:
+            apply_tiny(args)
+        accelerator.wait_for_everyone()
     train_prompts, eval_prompts = sd.load_prompts(args.train_prompts), sd.load_prompts(args.eval_prompts)
     eval_prompts = eval_prompts[: args.eval_samples]
     try:
@@ -255,11 +262,8 @@ def main(args: Args) -> dict:
     except (OSError, ValueError) as e:
         raise user_error(e) from None
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
-                              log_with=args.log_with or None, project_dir=str(run_dir))
-    device, main_proc = accelerator.device, accelerator.is_main_process
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
-    set_seed(args.seed + accelerator.process_index)  # python, numpy, torch: every draw below comes from these
+    set_seed(args.seed)  # python, numpy, torch: every draw below comes from these, the same on every process
 
     try:
         c = sd.load_components(args.model, device, dtype)
@@ -315,8 +319,7 @@ def main(args: Args) -> dict:
             for n, w in weights.items():
                 named[n].copy_(w)
         skipped, spent = state["skipped"], budget.Spent(**state["spent"])
-        if accelerator.num_processes > 1:  # the checkpoint holds one process's RNG: give each its own stream again
-            set_seed(args.seed + 1000 * spent.updates + accelerator.process_index)
+        sd.check_processes_agree(accelerator, sd.lora_weights(unet, names), spent.updates)  # the same checkpoint
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = run_dir / "metrics.jsonl"
@@ -372,6 +375,7 @@ def main(args: Args) -> dict:
         shutil.rmtree(tmp)
 
     side = sd.latent_side(vae, args.resolution)
+    mine = sd.batch_share(accelerator, args.batch_size)
     last_eval, stage, params = None, None, []
     bar = tqdm(total=args.steps, initial=spent.updates, disable=not main_proc, desc=args.method)
     meter, watch, gflop = budget.FlopMeter(), budget.Stopwatch(), 0.0
@@ -387,12 +391,13 @@ def main(args: Args) -> dict:
             params = sd.set_trainable(unet, trained)
             switches = chain_args.chain_switches(args, points, stage)
         with accelerator.accumulate(unet):
-            # --- sample ---
-            prompts = [random.choice(train_prompts) for _ in range(args.batch_size)]
+            # --- sample --- (the whole batch of every process, from the same streams; this process keeps its share)
+            whole = args.batch_size * accelerator.num_processes
+            prompts = [random.choice(train_prompts) for _ in range(whole)][mine]
             cond = sd.encode_prompts(prompts, tok, te, cache)
             den = sd.make_denoisers(forward_unet, cond, uncond, args.guidance, points, aware, sc_guidance, layers)
             chain = shortft.make_chain(args.method, grid, None, **switches)
-            x_T = torch.randn(args.batch_size, unet.config.in_channels, side, side, device=device)
+            x_T = torch.randn(whole, unet.config.in_channels, side, side)[mine].to(device)  # CPU stream: checkpointed
 
             # --- reward ---
             def reward_fn(latents):
@@ -414,22 +419,26 @@ def main(args: Args) -> dict:
                 continue
             applied, norm = sd.guarded_update(accelerator, optimizer, params, args.max_grad_norm)
         skipped += not applied
-        wall = watch.add_to(spent, gflop)  # all micro-batches of the update
+        wall = watch.add_to(spent, gflop, partial(sd.update_cost, accelerator))  # all micro-batches, all processes
         step = spent.updates
+        loss, reward_train = sd.gather_mean(accelerator, loss), sd.gather_mean(accelerator, r)  # the whole batch's
         bar.update(1)
-        bar.set_postfix(stage=stage, reward=f"{r.mean().item():.4f}", grad=f"{norm:.3g}")
-        metrics = {"update": step, "stage": stage, "loss": loss.item(), "reward/train": r.mean().item(),
+        bar.set_postfix(stage=stage, reward=f"{reward_train:.4f}", grad=f"{norm:.3g}")
+        metrics = {"update": step, "stage": stage, "loss": loss, "reward/train": reward_train,
                    "grad/norm": norm, "update/skipped": skipped,
                    "time/update_s": wall, "budget/spent": spent.of(args.budget_unit), "time/cpu_s": spent.cpu_seconds,
                    **({"compute/gflop": spent.gflop} if count_flops else {}),
                    "chain/grad_evals": shortft.chain_cost(chain)["grad"]}
-        if main_proc:
+        checkpoint = (args.save_every and step % args.save_every == 0) or progress() >= 1
+        if checkpoint:
+            sd.check_processes_agree(accelerator, sd.lora_weights(unet, names), step)
+        if main_proc:  # the other processes go on to the next update and wait for this one in its all-reduce
             runio.append_jsonl(metrics, run_dir / "metrics.jsonl")
             if args.log_with:
                 accelerator.log(metrics, step=step)
             if args.eval_every and step % args.eval_every == 0:
                 last_eval = evaluate()
-            if (args.save_every and step % args.save_every == 0) or progress() >= 1:
+            if checkpoint:
                 save()
         watch, gflop = budget.Stopwatch(), 0.0
     bar.close()
@@ -438,9 +447,11 @@ def main(args: Args) -> dict:
             last_eval = evaluate()
         sd.save_lora(unet, run_dir / "lora", **lora_kw)  # always rewritten, as a whole (runio.atomic_folder)
         print(f"LoRA: {run_dir / 'lora'} (sd.load_lora, or sd.prepare_pipeline for a stock StableDiffusionPipeline)")
+    accelerator.wait_for_everyone()  # every process ends once the main one has written the run
     accelerator.end_training()
     return {"run_dir": run_dir, "update": spent.updates, "skipped": skipped, "eval": last_eval, "args": args,
-            "spent": dataclasses.asdict(spent)}
+            "spent": dataclasses.asdict(spent),
+            "weights": {n: w.detach() for n, w in sd.lora_weights(unet, names).items()}}
 
 
 if __name__ == "__main__":
