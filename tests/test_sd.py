@@ -114,7 +114,8 @@ def test_script_bad_input_exits_2_with_one_line():
 def test_paper_defaults():
     import chain_args
 
-    args = train_sd.Args()
+    args = train_sd.with_world(train_sd.Args(), train_sd.world_of(train_sd.Args(tiny=True)))  # SD1.5's own
+    assert train_sd.world_of(train_sd.Args(tiny=True)) is sd and args.guidance == 7.5
     assert (args.method, args.shortcut, args.lora_points, args.num_steps) == ("shortft", "hyper-sd-4", [], 0)
     grid = sd.grid_from_diffusers(tiny.sd_components()["scheduler"].config, args.num_steps)
     assert grid == shortft.ddim_timesteps(50)  # num_steps 0: SD1.5's own 50-step sampler
