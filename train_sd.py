@@ -161,15 +161,15 @@ and saved model. Everything else in this script is the same for both."""
 def world_of(args: Args):
     """The world of the model being fine-tuned: `sd3` for an SD3 / SD3.5 pipeline, `sd` for SD1.5 (--tiny-sd3 /
     --tiny build theirs unless --model is given), read from the folder or hub cache before anything is built (a
-    model that cannot be read yet counts as SD1.5: checking its folder says what is missing). ArgError for another
-    pipeline."""
+    model that cannot be read yet counts as SD1.5, or SD3 with --tiny-sd3: checking its folder says what is missing).
+    ArgError for another pipeline."""
     if (args.tiny or args.tiny_sd3) and args.model == Args.model:
         return sd3 if args.tiny_sd3 else sd
     kind = sd.pipeline_class(args.model)
     runio.require(kind is None or kind in WORLDS, "model", args.model,
                   f"a {kind} folder: train_sd.py fine-tunes {sd.PIPELINE} (SD1.5) and {sd3.PIPELINE} (SD3, SD3.5) "
                   "models")
-    return WORLDS.get(kind, sd)
+    return WORLDS.get(kind, sd3 if args.tiny_sd3 else sd)
 
 
 def with_world(args: Args, world) -> Args:

@@ -256,6 +256,27 @@ def test_stage_gradient_reaches_exactly_its_branches(tiny_dir, stage):
         assert all(grads_by_adapter(c["unet"])["tuned_1"])
 
 
+def test_gradient_checkpointing_inside_the_unet_keeps_each_steps_adapters(tiny_dir):
+    """--gradient-checkpointing (shortcut.enable_adapter_checkpointing) recomputes each UNet block with the adapters of
+    its forward: the stage-1 gradient equals the one without checkpointing; diffusers' plain checkpointing recomputes
+    with the adapters the last call left active (peft trap 3) and fails."""
+
+    def grad(inside=None):
+        c, _ = components(tiny_dir)
+        if inside is not None:
+            inside(c["unet"])
+        params = sd.set_trainable(c["unet"], sd.stage_adapters(1, POINTS))
+        torch.manual_seed(0)
+        chain_loss(c, shortft.shortft(GRID, POINTS, 1)).backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    plain = grad()
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(grad(shortcut.enable_adapter_checkpointing), plain, rtol=1e-4, atol=1e-8)
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        grad(lambda m: m.enable_gradient_checkpointing())
+
+
 @pytest.mark.parametrize("method", [m for m in shortft.METHODS if m != "shortft"])
 def test_baseline_gradient_reaches_exactly_its_lora(tiny_dir, method):
     """Every baseline: one LoRA (tuned_1) at every step gets gradient in every matrix; the shortcut and base none."""
