@@ -4,7 +4,9 @@ Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning",
 https://arxiv.org/abs/2507.22604 — Sec. 3 on SD1.5: a 50-step DDIM chain ("leading": 981, 961, …, 1) with CFG,
 trainable LoRA branches LoRA_1 … LoRA_k (rank 128 on the UNet's attention and feed-forward layers), stacked at the
 LoRA points (`shortft.active_loras`), and a frozen Hyper-SD LoRA as the shortcut. `train_sd.py`, `bench_sd.py` and
-notebook 03 import everything they need from here; the chains themselves live in `shortft.py`.
+notebook 03 import everything they need from here; the chains themselves live in `shortft.py`. `sd3.py` is the SD3
+world with the same functions; what both worlds share (prompt files, hub checks, adapter bookkeeping, decode, the saved
+folder's layout, `prepare_pipeline`) lives here and is imported there.
 
 Notation (code -> paper):
     tuned_i           LoRA_i, a peft adapter on the UNet (i = 1 … k); the step at p_i uses tuned_1 + … + tuned_i
@@ -548,6 +550,9 @@ def prepare_pipeline(pipe, lora_dir: str | Path) -> dict:
 
     lora_dir = Path(lora_dir)
     layout = read_lora_layout(lora_dir)
+    if layout.get("t5") is False and getattr(pipe, "text_encoder_3", None) is not None:
+        warnings.warn("these branches were trained without T5 (its prompt tokens were zeros): load the pipeline with "
+                      "text_encoder_3=None, tokenizer_3=None to sample the model that was trained", stacklevel=2)
     for name, file in zip(layout["adapters"], layout["files"]):
         pipe.load_lora_weights(str(lora_dir), weight_name=file, adapter_name=name)
     flow = is_flow_matching(pipe.scheduler.config)

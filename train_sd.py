@@ -43,7 +43,7 @@ import shortft
 
 @dataclass
 class Args(chain_args.ChainArgs):
-    """Fine-tune Stable Diffusion 1.5 LoRA branches with ShortFT or a baseline (reward backpropagation)."""
+    """Fine-tune Stable Diffusion (1.5, 3 or 3.5) LoRA branches with ShortFT or a baseline (reward backpropagation)."""
 
     name: str = "sd"
     """run folder: runs/<name>/ (args.json, metrics.jsonl, checkpoints/, lora/, eval PNG grids); a new run refuses a

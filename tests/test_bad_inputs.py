@@ -488,9 +488,9 @@ def test_resolution_checked_against_the_loaded_model():
     vae = NS(config=NS(block_out_channels=(128, 256, 512, 512)))  # SD1.5's configs
     modules = [(f"mid_block.attentions.0.{t}", None) for t in sd.LORA_TARGETS]
     unet = NS(config=NS(block_out_channels=(320, 640, 1280, 1280)), named_modules=lambda: modules)
-    sd.check_model(unet, vae, 576, train_sd.Args().lora_targets)
+    sd.check_model(unet, vae, 576, sd.LORA_TARGETS)
     with pytest.raises(runio.ArgError, match=r"^--resolution 520: must be a multiple of 64 for this model"):
-        sd.check_model(unet, vae, 520, train_sd.Args().lora_targets)
+        sd.check_model(unet, vae, 520, sd.LORA_TARGETS)
 
 
 def test_model_path_or_hub_id(files, tmp_path, monkeypatch, capfd):

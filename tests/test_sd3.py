@@ -216,6 +216,8 @@ def test_saved_lora_loads_in_stock_pipeline(tiny_dir, tmp_path):
     layout = sd3.load_lora(transformer, lora)
     assert layout["timestep_aware"] and layout["t5"] is False
     assert all(torch.equal(dict(transformer.named_parameters())[k], w) for k, w in ckpt.items())
+    with pytest.warns(UserWarning, match="trained without T5"):  # sampling it with T5 would be another model
+        sd3.prepare_pipeline(pipeline(tiny_dir, t5=True), lora)
 
 
 def test_denoisers_activate_exactly_the_stacked_branches(tiny_dir):
