@@ -284,14 +284,16 @@ SD1.5 jumps (741 → 501, 481 → 261, 241 → 1). docs/sd3.md has the numbers."
 
 def resolve_shortcut(name_or_path: str, local_files_only: bool = False) -> tuple[Path, ShortcutSpec]:
     """A registry name (see SHORTCUTS) or a local .safetensors file → (file on disk, sampling spec).
-    A local file gets Hyper-SD's defaults (no CFG, trailing spacing, scale 1). Errors are one line:
-    an unknown name lists the known ones; a missing file says the `hf download` command to run."""
+    A local file named as exactly one registry file (e.g. Hyper-SD3-8steps-CFG-lora.safetensors, fetched by hand) gets
+    that entry's spec (its CFG and scale); any other gets Hyper-SD's defaults (no CFG, trailing spacing, scale 1).
+    Errors are one line: an unknown name lists the known ones; a missing file says the `hf download` command to run."""
     path = Path(name_or_path).expanduser()
     if name_or_path not in SHORTCUTS:
         if path.suffix == ".safetensors" or path.parent != Path("."):
             if not path.is_file():
                 raise FileNotFoundError(f"shortcut LoRA file {str(path)!r} does not exist")
-            return path, ShortcutSpec(repo="", weight_name=path.name)
+            named = [spec for spec in SHORTCUTS.values() if spec.weight_name == path.name]
+            return path, named[0] if len(named) == 1 else ShortcutSpec(repo="", weight_name=path.name)
         raise ValueError(f"unknown shortcut {name_or_path!r}: choose from {', '.join(SHORTCUTS)} "
                          f"or pass a path to a .safetensors LoRA")
     spec = SHORTCUTS[name_or_path]

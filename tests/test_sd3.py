@@ -385,6 +385,15 @@ def test_registry_keeps_the_sd1_5_default_and_names_the_sd3_files():
         sd.check_shortcut("shortcut", "hyper-sd-4", "sd3")
 
 
+def test_a_registry_file_fetched_by_hand_keeps_its_settings(tmp_path):
+    """`hf download ByteDance/Hyper-SD Hyper-SD3-8steps-CFG-lora.safetensors` and --shortcut <that file> (the offline
+    route the errors give) samples with the registry's CFG 5 and scale 0.125; a file of another name gets none."""
+    for name, want in (("Hyper-SD3-8steps-CFG-lora.safetensors", shortcut.SHORTCUTS["hyper-sd3-8-cfg"]),
+                       ("my_shortcut.safetensors", shortcut.ShortcutSpec("", "my_shortcut.safetensors"))):
+        (tmp_path / name).write_bytes(b"")
+        assert shortcut.resolve_shortcut(str(tmp_path / name)) == (tmp_path / name, want)
+
+
 def test_shortcut_loaded_unfused_frozen_with_its_scale(tiny_dir):
     """The SD3 shortcut is a separate peft adapter on the transformer (not fused), frozen, at the requested scale;
     a UNet LoRA file is refused in one line."""
