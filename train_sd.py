@@ -179,7 +179,7 @@ def with_world(args: Args, world) -> Args:
                                lora_targets=list(args.lora_targets or world.LORA_TARGETS))
 
 
-def model_grid(args: Args, world) -> tuple[list[float] | None, object]:
+def model_grid(args: Args, world) -> tuple[list[float], object]:
     """(grid, schedule) of the model's sampler from its scheduler config, read before anything is built: the local
     folder's or the hub cache's, the world's own (sd.SCHEDULER, sd3.SCHEDULER) for --tiny or a model not fetched."""
     config = None if (args.tiny or args.tiny_sd3) and args.model == Args.model else sd.scheduler_config(args.model)
