@@ -34,9 +34,9 @@ class ChainArgs:
     """N, steps of the sampler being fine-tuned (0: the world's own: 50 DDIM steps 981 … 1 for SD1.5 and the toy, 28
     Euler steps for SD3)"""
     lora_points: list[float] = field(default_factory=list)
-    """ShortFT: LoRA points p_1 > … > p_k, timesteps of the grid (the last is the grid's last step); k segments. Empty:
-    the paper's 761 501 261 1 on SD1.5's 50-step grid, and on any other grid the steps of the same noise level
-    (shortft.paper_points)"""
+    """ShortFT: LoRA points p_1 > … > p_k, timesteps of the grid (the last is the grid's last step; on a flow grid σ·1000
+    to one decimal, e.g. 814.3); k segments. Empty: the paper's 761 501 261 1 on SD1.5's 50-step grid, and on any other
+    grid the steps of the same noise level (shortft.paper_points; SD3: 814.3 602.2 409.3 8.9)"""
     timestep_aware: bool = True
     """ShortFT: one stacked LoRA branch per point (LoRA_i = LoRA_{i−1} + a new branch); --no-timestep-aware is the
     paper's ablation: one LoRA shared at the same places"""
@@ -66,13 +66,27 @@ class ChainArgs:
     """DRTune: steps whose denoiser output carries gradient"""
 
 
+def grid_points(values: Sequence[float], grid: Sequence[float], tolerance: float = 0.05) -> list[float]:
+    """`--lora-points` as grid timesteps: a value on the grid as it is, a value within `tolerance` of a grid timestep
+    as that timestep (a flow grid's timesteps are floats such as 814.3247: typing 814.3 names it); any other value is
+    left as typed, for `shortft.check_lora_points` to refuse."""
+    grid = [shortft.timestep(t) for t in grid]
+    snapped = []
+    for v in values:
+        near = min(grid, key=lambda t: abs(t - v)) if grid and not isinstance(v, bool) \
+            and isinstance(v, (int, float)) else None
+        snapped.append(near if near is not None and abs(near - v) <= tolerance else v)
+    return snapped
+
+
 def layout(args: ChainArgs, grid: Sequence[float], schedule) -> tuple[tuple[float, ...] | None, bool]:
-    """(LoRA points, timestep-aware) of the method on `grid`: ShortFT's points (`--lora-points`, or the paper's mapped
-    to the grid by `shortft.paper_points`); None (one LoRA at every step) for every baseline."""
+    """(LoRA points, timestep-aware) of the method on `grid`: ShortFT's points (`--lora-points`, each the grid
+    timestep it names, `grid_points`; or the paper's mapped to the grid by `shortft.paper_points`); None (one LoRA at
+    every step) for every baseline."""
     if args.method != "shortft":
         return None, False
     if args.lora_points:
-        return shortft.check_lora_points(args.lora_points, grid), args.timestep_aware
+        return shortft.check_lora_points(grid_points(args.lora_points, grid), grid), args.timestep_aware
     return shortft.paper_points(grid, schedule), args.timestep_aware
 
 
@@ -120,6 +134,14 @@ def check_chain_args(args: ChainArgs, grid: Sequence[float] | None = None, sched
         if not ok:
             raise ValueError(what)
 
+    def on_grid(test: Callable[[], object]) -> None:  # a point off a float (flow) grid: list the grid to choose from
+        try:
+            test()
+        except ValueError as e:
+            if "are not on the" in str(e) and any(isinstance(t, float) for t in grid):
+                raise ValueError(f"{e}; the grid: {' '.join(f'{t:.1f}' for t in grid)}") from None
+            raise
+
     check("method", lambda: need(args.method in shortft.BUILDERS,
                                  f"unknown method; choose one of {', '.join(shortft.METHODS)}"))
     check("num_steps", lambda: need(isinstance(args.num_steps, int) and 0 <= args.num_steps <= 1000,
@@ -130,7 +152,8 @@ def check_chain_args(args: ChainArgs, grid: Sequence[float] | None = None, sched
     points = None
     if args.method == "shortft":
         if args.lora_points:
-            check("lora_points", lambda: shortft.check_lora_points(args.lora_points, grid))
+            check("lora_points", lambda: on_grid(lambda: shortft.check_lora_points(grid_points(args.lora_points, grid),
+                                                                                  grid)))
         else:
             check("lora_points", lambda: shortft.paper_points(grid, schedule))
         points, _ = layout(args, grid, schedule)

@@ -4,7 +4,9 @@ Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning",
 https://arxiv.org/abs/2507.22604 — Sec. 3 on SD1.5: a 50-step DDIM chain ("leading": 981, 961, …, 1) with CFG,
 trainable LoRA branches LoRA_1 … LoRA_k (rank 128 on the UNet's attention and feed-forward layers), stacked at the
 LoRA points (`shortft.active_loras`), and a frozen Hyper-SD LoRA as the shortcut. `train_sd.py`, `bench_sd.py` and
-notebook 03 import everything they need from here; the chains themselves live in `shortft.py`.
+notebook 03 import everything they need from here; the chains themselves live in `shortft.py`. `sd3.py` is the SD3
+world with the same functions; what both worlds share (prompt files, hub checks, adapter bookkeeping, decode, the saved
+folder's layout, `prepare_pipeline`) lives here and is imported there.
 
 Notation (code -> paper):
     tuned_i           LoRA_i, a peft adapter on the UNet (i = 1 … k); the step at p_i uses tuned_1 + … + tuned_i
@@ -35,8 +37,16 @@ import runio
 import shortcut
 import shortft
 
+PIPELINE = "StableDiffusionPipeline"
+"""The diffusers pipeline class of this world (model_index.json `_class_name`); sd3.py's is StableDiffusion3Pipeline."""
+NETWORK = "unet"
+"""Key of the denoising network in the components `load_components` returns (sd3.py: "transformer")."""
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 """UNet modules that get the trainable LoRA branches: attention (self and cross) and feed-forward, as in the paper."""
+GUIDANCE = 7.5
+"""Default CFG scale w of the base and tuned model (StableDiffusionPipeline's default)."""
+DEFAULT_SHORTCUT = shortcut.DEFAULT_SHORTCUT
+"""The paper's shortcut for SD1.5: Hyper-SD 4-step (`hyper-sd-4`)."""
 SHORTCUT_ADAPTER = "shortcut"
 """peft adapter name of the frozen shortcut LoRA."""
 LORA_JSON = "shortft.json"
@@ -44,6 +54,11 @@ LORA_JSON = "shortft.json"
 PIPELINE_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer",
                   "scheduler/scheduler_config.json")
 """What `load_components` reads from an SD1.5 pipeline folder."""
+FOLDER = "an SD1.5 pipeline folder (unet/, vae/, …)"
+"""How one-line errors name the model folder this world needs."""
+SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
+"""SD1.5's scheduler config (the chain arguments are checked against its grid before a model is read)."""
 
 
 # ----------------------------------------------------------------------------- components and prompts
@@ -142,11 +157,61 @@ def check_source(flag: str, value: str, needs: Sequence[str], what: str) -> None
                                                   f"`hf download {value}`, or pass {what}")
 
 
-def check_shortcut(flag: str, value: str) -> None:
-    """ArgError (one line) unless `value` is a name of shortcut.SHORTCUTS whose file is cached or can be downloaded
-    now, or a readable .safetensors file with LoRA weights (whether they fit the UNet is checked once it is loaded)."""
+def model_file(model: str, name: str) -> Path | None:
+    """The file `name` (e.g. model_index.json) of a local model folder or of a hub id in the local hub cache (fetched
+    when the hub is reachable); None when it is not there. Never raises for a missing file."""
+    path = Path(model).expanduser()
+    if path.is_dir() or _looks_local(model):
+        return path / name if (path / name).is_file() else None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model, name)
+        if isinstance(cached, str):
+            return Path(cached)
+        if not hub_offline():
+            return Path(hf_hub_download(model, name))
+    except Exception:  # a bad id, a gated repository, no such file: the caller reports what it needs
+        pass
+    return None
+
+
+def pipeline_class(model: str) -> str | None:
+    """The diffusers pipeline class of a model folder or hub id: model_index.json's `_class_name`, or, without one, a
+    flow-matching scheduler config means StableDiffusion3Pipeline and a DDIM-family one StableDiffusionPipeline; None
+    when neither file can be read (a missing folder, an uncached hub id offline)."""
+    index = model_file(model, "model_index.json")
+    if index is not None:
+        try:
+            return str(json.loads(index.read_text()).get("_class_name"))
+        except (OSError, ValueError, AttributeError):
+            return None
+    config = model_file(model, "scheduler/scheduler_config.json")
+    try:
+        return None if config is None else ("StableDiffusion3Pipeline" if is_flow_matching(json.loads(
+            config.read_text())) else PIPELINE)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def scheduler_config(model: str) -> dict | None:
+    """The scheduler config (scheduler/scheduler_config.json) of a model folder or cached hub id, or None."""
+    config = model_file(model, "scheduler/scheduler_config.json")
+    try:
+        return None if config is None else dict(json.loads(config.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def check_shortcut(flag: str, value: str, base: str = "sd1.5") -> None:
+    """ArgError (one line) unless `value` is a name of shortcut.SHORTCUTS distilled from a `base` model (sd1.5 or
+    sd3) whose file is cached or can be downloaded now, or a readable .safetensors file with LoRA weights (whether
+    they fit the model is checked once it is loaded)."""
     spec = shortcut.SHORTCUTS.get(value)
     if spec is not None:
+        fits = [n for n, s in shortcut.SHORTCUTS.items() if s.base == base]
+        runio.require(spec.base == base, flag, value, f"a shortcut of {spec.base} models, not of this {base} model: "
+                                                      f"choose from {', '.join(fits)} or pass a .safetensors LoRA file")
         from huggingface_hub import try_to_load_from_cache
 
         if isinstance(try_to_load_from_cache(spec.repo, spec.weight_name), str) or not hub_offline():
@@ -252,6 +317,12 @@ def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder, cache: dict)
     return torch.stack([cache[p] for p in prompts])
 
 
+def encode(c: dict, prompts: Sequence[str], cache: dict) -> torch.Tensor:
+    """The conditioning `make_denoisers` takes, from the components `c` (`encode_prompts` with c's tokenizer and
+    text encoder); sd3.encode is the SD3 world's."""
+    return encode_prompts(prompts, c["tokenizer"], c["text_encoder"], cache)
+
+
 # ----------------------------------------------------------------------------- LoRA branches (peft)
 
 
@@ -340,10 +411,13 @@ def make_denoisers(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: flo
 
 
 def decode(vae, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
-    """VAE decode: images = (D(z / scaling_factor) + 1) / 2 clamped to [0, 1]; (B, 4, h, w) → (B, 3, f·h, f·w)."""
+    """VAE decode: images = (D(z / scaling_factor + shift_factor) + 1) / 2 clamped to [0, 1] (SD1.5's VAE has no
+    shift, SD3's has one, as in the diffusers pipelines); (B, C, h, w) → (B, 3, f·h, f·w)."""
+    shift = getattr(vae.config, "shift_factor", None)
 
     def dec(z):
-        return vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float()
+        z = z.to(vae.dtype) / vae.config.scaling_factor
+        return vae.decode(z if shift is None else z + shift).sample.float()
 
     x = torch.utils.checkpoint.checkpoint(dec, latents, use_reentrant=False) if checkpoint and latents.requires_grad \
         else dec(latents)
@@ -396,14 +470,27 @@ def write_lora(unet, folder: str | Path, grid: Sequence[int], points: Sequence[i
 
     names = shortft.lora_names(shortft.num_loras(points, timestep_aware))
     for name in names:
-        meta = unet.peft_config[name].to_dict()
-        meta["target_modules"] = sorted(meta["target_modules"])
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=name))
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=f"{name}.safetensors",
-                                                  unet_lora_adapter_metadata=meta)
-    layout = dict(adapters=names, files=[f"{n}.safetensors" for n in names],
-                  lora_points=None if points is None else [int(p) for p in points], timestep_aware=timestep_aware,
-                  grid=[int(t) for t in grid], timestep_spacing="leading", guidance_scale=guidance, **info)
+                                                  unet_lora_adapter_metadata=adapter_metadata(unet, name))
+    write_layout(folder, names, grid, points, timestep_aware, guidance, timestep_spacing="leading", **info)
+
+
+def adapter_metadata(model, name: str) -> dict:
+    """The peft LoraConfig of adapter `name` as the metadata diffusers stores next to a LoRA file (sorted targets)."""
+    meta = model.peft_config[name].to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    return meta
+
+
+def write_layout(folder: str | Path, names: Sequence[str], grid: Sequence[float], points: Sequence[float] | None,
+                 timestep_aware: bool, guidance: float, **info) -> None:
+    """`shortft.json` of a LoRA folder: the adapter names and files, the LoRA points, timestep_aware, the grid (integers
+    on a DDIM grid, σ·1000 floats on a flow grid), the CFG scale and `info`, one field per line."""
+    layout = dict(adapters=list(names), files=[f"{n}.safetensors" for n in names],
+                  lora_points=None if points is None else [shortft.timestep(p) for p in points],
+                  timestep_aware=timestep_aware, grid=[shortft.timestep(t) for t in grid], guidance_scale=guidance,
+                  **info)
     lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in layout.items())  # one field per line
     (Path(folder) / LORA_JSON).write_text("{\n" + lines + "\n}\n")
 
@@ -452,19 +539,25 @@ def load_lora(unet, lora_dir: str | Path) -> dict:
 
 
 def prepare_pipeline(pipe, lora_dir: str | Path) -> dict:
-    """Make a stock diffusers `StableDiffusionPipeline` sample the fine-tuned model: load each branch of the LoRA
-    folder as an adapter, switch to a DDIM scheduler with "leading" spacing (SD1.5's grid), activate the branches of
-    the first step, and return the keyword arguments for `pipe(prompt, **kwargs)`: the number of steps, the CFG
-    scale the model was trained with, and `callback_on_step_end`, which after each step activates the branches
-    `shortft.active_loras` picks for the NEXT step (after the last step: the first step's, for the next call).
-    Other LoRAs loaded into the pipeline are switched off while it runs."""
+    """Make a stock diffusers `StableDiffusionPipeline` (or `StableDiffusion3Pipeline`: sd3.prepare_pipeline is this
+    function) sample the fine-tuned model: load each branch of the LoRA folder as an adapter, switch to a DDIM
+    scheduler with "leading" spacing (SD1.5's grid; a flow-matching scheduler, SD3's, is kept as it is), activate the
+    branches of the first step, and return the keyword arguments for `pipe(prompt, **kwargs)`: the number of steps,
+    the CFG scale the model was trained with, and `callback_on_step_end`, which after each step activates the
+    branches `shortft.active_loras` picks for the NEXT step (after the last step: the first step's, for the next
+    call). Other LoRAs loaded into the pipeline are switched off while it runs."""
     from diffusers import DDIMScheduler
 
     lora_dir = Path(lora_dir)
     layout = read_lora_layout(lora_dir)
+    if layout.get("t5") is False and getattr(pipe, "text_encoder_3", None) is not None:
+        warnings.warn("these branches were trained without T5 (its prompt tokens were zeros): load the pipeline with "
+                      "text_encoder_3=None, tokenizer_3=None to sample the model that was trained", stacklevel=2)
     for name, file in zip(layout["adapters"], layout["files"]):
         pipe.load_lora_weights(str(lora_dir), weight_name=file, adapter_name=name)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    flow = is_flow_matching(pipe.scheduler.config)
+    if not flow:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
     grid, points, aware, names = layout["grid"], layout["lora_points"], layout["timestep_aware"], layout["adapters"]
 
     def activate(t: int) -> None:
@@ -476,11 +569,12 @@ def prepare_pipeline(pipe, lora_dir: str | Path) -> dict:
             pipe.disable_lora()
 
     def switch(pipe_, i: int, t, callback_kwargs: dict) -> dict:
-        timesteps = [int(s) for s in pipe_.scheduler.timesteps]
-        if timesteps != grid:
-            raise ValueError(f"this LoRA was trained for the {len(grid)}-step leading DDIM grid ({grid[0]} … "
-                             f"{grid[-1]}): call the pipeline with num_inference_steps={len(grid)}")
-        activate(timesteps[i + 1] if i + 1 < len(timesteps) else timesteps[0])
+        timesteps = [shortft.timestep(s) for s in pipe_.scheduler.timesteps]
+        if len(timesteps) != len(grid) or any(abs(a - b) > 1e-3 for a, b in zip(timesteps, grid)):
+            raise ValueError(f"this LoRA was trained for the {len(grid)}-step "
+                             f"{'flow-matching Euler' if flow else 'leading DDIM'} grid ({grid[0]:g} … {grid[-1]:g}): "
+                             f"call the pipeline with num_inference_steps={len(grid)}")
+        activate(grid[i + 1] if i + 1 < len(grid) else grid[0])
         return callback_kwargs
 
     activate(grid[0])

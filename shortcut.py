@@ -2,13 +2,17 @@
 
 Paper Sec. 3 (shortcut-based denoising chain): a few-step model distilled from the base model
 jumps x_t → x_s along (approximately) the base model's own DDIM/ODE trajectory in one evaluation.
-A jump is a deterministic DDIM step with the shortcut's ε:  x_s = ddim_step(x_t, ε_φ(x_t, t, s), ᾱ_t, ᾱ_s).
+A jump is one step of the world's schedule with the shortcut's prediction: a deterministic DDIM step with its ε,
+x_s = ddim_step(x_t, ε_φ(x_t, t, s), ᾱ_t, ᾱ_s), or on a flow model (SD3) one Euler step with its velocity,
+x_s = x_t + (σ_s − σ_t) v_φ(x_t, t).
 
-Both worlds realise the shortcut as a frozen LoRA on the base denoiser, next to the trainable LoRA:
+Every world realises the shortcut as a frozen LoRA on the base denoiser, next to the trainable LoRA:
     toy  a LoRA this repo distils from the toy model's 50-step DDIM trajectories;
-    SD   a public distillation LoRA (Hyper-SD by default; TCD, PCM; LCM with a warning).
+    SD   a public distillation LoRA (Hyper-SD by default; TCD, PCM; LCM with a warning);
+    SD3  a public CFG-preserving flow LoRA (Hyper-SD3 4/8/16 steps), on the transformer.
 
-Notation: t, s integer timesteps (s < t, s = shortft.CLEAN for the clean end point); M jumps.
+Notation: t, s timesteps (s < t, s = shortft.CLEAN for the clean end point; integers on a DDIM grid, σ·1000 floats on
+a flow grid); M jumps.
 
 Run: python -c "import shortcut; help(shortcut.set_active_adapters)"
 """
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------- adapters (both worlds)
 
@@ -45,6 +50,27 @@ def set_active_adapters(model: torch.nn.Module, names: Sequence[str], layers: Se
         layer.set_adapter(names)
         for p, flag in zip(layer.parameters(), flags):
             p.requires_grad_(flag)
+
+
+def enable_adapter_checkpointing(model: torch.nn.Module) -> None:
+    """Gradient checkpointing inside a diffusers model (`enable_gradient_checkpointing`: each UNet / transformer block
+    is recomputed in backward) that recomputes every block with the adapters that were active when it ran forward.
+    With the default checkpointing a block is recomputed with whatever adapters the last denoiser call left active
+    (peft trap 3 inside the model): in a ShortFT chain that is another step's stack or the shortcut, which gives a
+    CheckpointError when the shapes differ, or silently wrong gradients when they agree."""
+
+    def checkpoint(block, *args):
+        layers = lora_layers(block)
+        active = list(layers[0].active_adapters) if layers else []
+
+        def run(*inputs):
+            if layers:  # the forward's adapters; in the forward itself this changes nothing
+                set_active_adapters(block, active, layers)
+            return block(*inputs)
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
 
 
 # ----------------------------------------------------------------------------- toy shortcut (distilled here)
@@ -203,14 +229,16 @@ def load_adapter_state_dict(model: torch.nn.Module, name: str, tensors: dict[str
 
 @dataclass(frozen=True)
 class ShortcutSpec:
-    """A public distillation LoRA for SD1.5 and how its authors sample with it.
+    """A public distillation LoRA and how its authors sample with it.
 
     repo, weight_name   where it lives on the Hugging Face hub
-    guidance            recommended CFG scale (≤ 1: no CFG, one conditional UNet call per jump)
-    spacing             timestep spacing it was distilled for ("trailing" for Hyper-SD / TCD)
-    lora_scale          scale of the LoRA update (Hyper-SD recommends 1.0 for the non-CFG LoRAs)
+    guidance            recommended CFG scale (≤ 1: no CFG, one conditional call per jump)
+    spacing             timestep spacing it was distilled for ("trailing" for Hyper-SD / TCD; "flow" for the Euler
+                        grid of a flow-matching scheduler, Hyper-SD3)
+    lora_scale          scale of the LoRA update (Hyper-SD recommends 1.0 for the SD1.5 non-CFG LoRAs, 0.125 for SD3)
     steps               number of steps it was distilled for (documentation; ShortFT picks its own jumps)
     trajectory_preserving  False for LCM, which re-noises with fresh noise at every step
+    base                the model family it was distilled from: "sd1.5" (a UNet LoRA) or "sd3" (a transformer LoRA)
     """
 
     repo: str
@@ -220,6 +248,7 @@ class ShortcutSpec:
     lora_scale: float = 1.0
     steps: int = 8
     trajectory_preserving: bool = True
+    base: str = "sd1.5"
 
 
 SHORTCUTS: dict[str, ShortcutSpec] = {
@@ -236,20 +265,35 @@ SHORTCUTS: dict[str, ShortcutSpec] = {
                           guidance=1.0, spacing="trailing", steps=4),
     "lcm": ShortcutSpec("latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors", guidance=1.0,
                         spacing="leading", steps=4, trajectory_preserving=False),
+    # SD3-medium (a transformer LoRA each, ≈ 236 MB). The model card samples them with CFG 3 / 5 / 7 at 4 / 8 / 16
+    # steps, fused at scale 0.125: they keep CFG (unlike the SD1.5 non-CFG LoRAs), so a jump uses CFG too.
+    "hyper-sd3-4-cfg": ShortcutSpec("ByteDance/Hyper-SD", "Hyper-SD3-4steps-CFG-lora.safetensors", guidance=3.0,
+                                    spacing="flow", lora_scale=0.125, steps=4, base="sd3"),
+    "hyper-sd3-8-cfg": ShortcutSpec("ByteDance/Hyper-SD", "Hyper-SD3-8steps-CFG-lora.safetensors", guidance=5.0,
+                                    spacing="flow", lora_scale=0.125, steps=8, base="sd3"),
+    "hyper-sd3-16-cfg": ShortcutSpec("ByteDance/Hyper-SD", "Hyper-SD3-16steps-CFG-lora.safetensors", guidance=7.0,
+                                     spacing="flow", lora_scale=0.125, steps=16, base="sd3"),
 }
-DEFAULT_SHORTCUT = "hyper-sd-4"  # the paper's shortcut (Hyper-SD 4-step)
+DEFAULT_SHORTCUT = "hyper-sd-4"  # the paper's shortcut (Hyper-SD 4-step), for SD1.5
+DEFAULT_SHORTCUT_SD3 = "hyper-sd3-8-cfg"
+"""This repo's SD3 default (the paper names none): of Hyper-SD3's 4 / 8 / 16-step LoRAs, the 8-step one takes steps
+(Δσ ≈ 0.05 … 0.33 on its own 8-step grid with shift 3) closest to the three jumps of the paper's layout on SD3's
+28-step grid (σ 0.79 → 0.60, 0.56 → 0.41, 0.35 → 0.01), as the 4-step LoRA's quarter-trajectory steps match the
+SD1.5 jumps (741 → 501, 481 → 261, 241 → 1). docs/sd3.md has the numbers."""
 
 
 def resolve_shortcut(name_or_path: str, local_files_only: bool = False) -> tuple[Path, ShortcutSpec]:
     """A registry name (see SHORTCUTS) or a local .safetensors file → (file on disk, sampling spec).
-    A local file gets Hyper-SD's defaults (no CFG, trailing spacing, scale 1). Errors are one line:
-    an unknown name lists the known ones; a missing file says the `hf download` command to run."""
+    A local file named as exactly one registry file (e.g. Hyper-SD3-8steps-CFG-lora.safetensors, fetched by hand) gets
+    that entry's spec (its CFG and scale); any other gets Hyper-SD's defaults (no CFG, trailing spacing, scale 1).
+    Errors are one line: an unknown name lists the known ones; a missing file says the `hf download` command to run."""
     path = Path(name_or_path).expanduser()
     if name_or_path not in SHORTCUTS:
         if path.suffix == ".safetensors" or path.parent != Path("."):
             if not path.is_file():
                 raise FileNotFoundError(f"shortcut LoRA file {str(path)!r} does not exist")
-            return path, ShortcutSpec(repo="", weight_name=path.name)
+            named = [spec for spec in SHORTCUTS.values() if spec.weight_name == path.name]
+            return path, named[0] if len(named) == 1 else ShortcutSpec(repo="", weight_name=path.name)
         raise ValueError(f"unknown shortcut {name_or_path!r}: choose from {', '.join(SHORTCUTS)} "
                          f"or pass a path to a .safetensors LoRA")
     spec = SHORTCUTS[name_or_path]
@@ -266,31 +310,43 @@ def resolve_shortcut(name_or_path: str, local_files_only: bool = False) -> tuple
 
 def load_shortcut_lora(unet: torch.nn.Module, file: str | Path, adapter_name: str = "shortcut",
                        lora_scale: float = 1.0) -> list[torch.nn.Parameter]:
-    """Load a distillation LoRA (.safetensors, diffusers or Kohya format) into `unet` as a separate,
-    **frozen, never fused** peft adapter with its scale set once (peft runs a fused layer as its base layer only,
-    so fusing the shortcut would silently drop the trainable LoRA there). Returns its parameters.
-    Afterwards only `adapter_name` is active: set the adapters you want with `set_active_adapters`."""
-    from diffusers import StableDiffusionPipeline
+    """Load a distillation LoRA (.safetensors) into the denoiser `unet` — SD1.5's UNet (diffusers or Kohya format,
+    keys `unet.…`) or SD3's transformer (diffusers format, keys `transformer.…`) — as a separate, **frozen, never
+    fused** peft adapter with its scale set once (peft runs a fused layer as its base layer only, so fusing the
+    shortcut would silently drop the trainable LoRA there). Returns its parameters. Afterwards only `adapter_name` is
+    active: set the adapters you want with `set_active_adapters`."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    state_dict, alphas = StableDiffusionPipeline.lora_state_dict(load_file(str(file)))
-    if not any(k.startswith("unet.") for k in state_dict):
-        raise ValueError(f"{file} holds no UNet LoRA weights (keys look like {next(iter(state_dict), None)!r})")
+    if isinstance(unet, SD3Transformer2DModel):
+        what, prefix = "SD3 transformer", "transformer."
+        state_dict = StableDiffusion3Pipeline.lora_state_dict(load_file(str(file)))
+
+        def load():
+            StableDiffusion3Pipeline.load_lora_into_transformer(state_dict, unet, adapter_name=adapter_name)
+    else:
+        what, prefix = "UNet", "unet."
+        state_dict, alphas = StableDiffusionPipeline.lora_state_dict(load_file(str(file)))
+
+        def load():
+            StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name=adapter_name)
+    if not any(k.startswith(prefix) for k in state_dict):
+        raise ValueError(f"{file} holds no {what} LoRA weights (keys look like {next(iter(state_dict), None)!r})")
     from diffusers.utils import logging as diffusers_logging
 
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # weights it cannot place are an error below, not a warning
     try:
-        StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name=adapter_name)
-    except (ValueError, RuntimeError) as e:  # peft: none of its modules is in this UNet, or other shapes
-        raise ValueError(f"{file} does not fit this UNet ({' '.join(str(e).split())[:200]})") from None
+        load()
+    except (ValueError, RuntimeError) as e:  # peft: none of its modules is in this model, or other shapes
+        raise ValueError(f"{file} does not fit this {what} ({' '.join(str(e).split())[:200]})") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
     params = [p for n, p in unet.named_parameters() if f".{adapter_name}." in n]
     saved = sum(v.numel() for v in state_dict.values() if v.dim() > 0)
     if sum(p.numel() for p in params) != saved:  # diffusers only warns about weights it could not place
-        raise ValueError(f"{file} does not fit this UNet: {saved - sum(p.numel() for p in params):,} of its {saved:,} "
-                         "LoRA weights belong to no module of it (a LoRA of another model?)")
+        raise ValueError(f"{file} does not fit this {what}: {saved - sum(p.numel() for p in params):,} of its "
+                         f"{saved:,} LoRA weights belong to no module of it (a LoRA of another model?)")
     for p in params:
         p.requires_grad_(False)
     for layer in lora_layers(unet):

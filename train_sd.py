@@ -1,18 +1,23 @@
-"""Stable Diffusion 1.5 LoRA fine-tuning by reward backpropagation: ShortFT (paper defaults) and every baseline.
+"""Stable Diffusion LoRA fine-tuning by reward backpropagation: ShortFT (paper defaults) and every baseline, on SD1.5
+or on SD3 / SD3.5 (chosen from the model folder).
 
 Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning", ICCV 2025,
 https://arxiv.org/abs/2507.22604 — Sec. 3 (shortcut-based chain, timestep-aware LoRA, progressive training).
 
-One update: draw prompts c and x_T ~ N(0, I) (B, 4, H/8, W/8); build the method's chain for the current stage with
-`shortft.make_chain` over SD1.5's 50-step DDIM grid (981 … 1); run it with the denoisers of `sd.make_denoisers`;
-decode x_0 with the VAE; loss = −r(decode(x_0), c); backpropagate into the LoRA branches of the stage only.
+One update: draw prompts c and x_T ~ N(0, I) (B, C, H/8, W/8); build the method's chain for the current stage with
+`shortft.make_chain` over the model's grid (SD1.5: 50 DDIM steps 981 … 1; SD3: 28 Euler steps 1000.0 … 8.9); run it
+with the world's denoisers (`sd.make_denoisers`: ε, or `sd3.make_denoisers`: v); decode x_0 with the VAE;
+loss = −r(decode(x_0), c); backpropagate into the LoRA branches of the stage only. What differs between SD1.5 and SD3
+lives in `sd.py` / `sd3.py` (the "world", picked once from model_index.json); this loop is the same for both.
 
 Notation (code -> paper):
     tuned_1 … tuned_k  LoRA_1 … LoRA_k (rank 128, attention + feed-forward); stacked at the LoRA points p_i
     stage              progressive training: stage i (by update number) trains LoRA_i … LoRA_k
-    shortcut           the frozen Hyper-SD 4-step LoRA; a jump next(p_{i−1}) → p_i replaces the base model's steps
+    shortcut           the frozen Hyper-SD 4-step LoRA (SD3: Hyper-SD3 8-step CFG LoRA); a jump next(p_{i−1}) → p_i
+                       replaces the base model's steps
 
-Run: python train_sd.py --tiny        (CPU, under a minute: tiny random SD, 4 updates = 4 stages, runs/sd-tiny/)
+Run: python train_sd.py --tiny        (CPU, under a minute: tiny random SD, 4 updates = 4 stages, runs/sd-tiny/;
+     --tiny-sd3: the same on a tiny random SD3, runs/sd3-tiny/)
 """
 
 from __future__ import annotations
@@ -32,13 +37,14 @@ import chain_args
 import rewards
 import runio
 import sd
+import sd3
 import shortcut
 import shortft
 
 
 @dataclass
 class Args(chain_args.ChainArgs):
-    """Fine-tune Stable Diffusion 1.5 LoRA branches with ShortFT or a baseline (reward backpropagation)."""
+    """Fine-tune Stable Diffusion (1.5, 3 or 3.5) LoRA branches with ShortFT or a baseline (reward backpropagation)."""
 
     name: str = "sd"
     """run folder: runs/<name>/ (args.json, metrics.jsonl, checkpoints/, lora/, eval PNG grids); a new run refuses a
@@ -47,10 +53,17 @@ class Args(chain_args.ChainArgs):
     """parent folder of run folders"""
     tiny: bool = False
     """build tiny random SD components, a tiny CLIP reward and a stand-in shortcut LoRA (no downloads)"""
+    tiny_sd3: bool = False
+    """--tiny with a tiny random SD3 (rectified-flow transformer, two CLIP encoders and T5) instead of SD1.5"""
     tiny_dir: str = ""
     """where --tiny builds (or reuses) its files (empty: runs/<name>/tiny)"""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local folder of the SD1.5 pipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"""
+    """hub id or local folder of an SD1.5 pipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or of an
+    SD3 / SD3.5 pipeline (transformer/, vae/, text_encoder/, text_encoder_2/, …, e.g.
+    stabilityai/stable-diffusion-3.5-medium); which one is read from its model_index.json"""
+    t5: bool = False
+    """SD3: also load the T5 text encoder (text_encoder_3); off: its 256 tokens of the prompt embedding are zeros, as
+    in StableDiffusion3Pipeline(text_encoder_3=None) (T5-XXL is 4.7 B parameters)"""
     reward: str = "aesthetic"
     """reward name or weighted sum, e.g. 'pickscore:10,hpsv2:2,aesthetic:0.05' (rewards.REWARDS)"""
     clip_model: str | None = None
@@ -58,10 +71,12 @@ class Args(chain_args.ChainArgs):
     digit_classifier: str | None = None
     """weights (.safetensors, config beside it as .json) of the `digit` reward's classifier (None: the reward's
     default, runs/minisd/classifier.safetensors)"""
-    shortcut: str = shortcut.DEFAULT_SHORTCUT
-    """shortcut LoRA: a name in shortcut.SHORTCUTS or a local .safetensors file (ShortFT only)"""
+    shortcut: str = ""
+    """shortcut LoRA: a name in shortcut.SHORTCUTS or a local .safetensors file (ShortFT only; empty: the model's,
+    hyper-sd-4 for SD1.5 — the paper's —, hyper-sd3-8-cfg for SD3)"""
     shortcut_guidance: float | None = None
-    """CFG scale inside shortcut jumps (None: the shortcut's recommendation, 0 for Hyper-SD; ≤ 1 means no CFG)"""
+    """CFG scale inside shortcut jumps (None: the shortcut's recommendation, 0 for Hyper-SD, 3 / 5 / 7 for
+    Hyper-SD3; ≤ 1 means no CFG)"""
     shortcut_scale: float | None = None
     """LoRA scale of the shortcut (None: the shortcut's recommendation)"""
     train_prompts: str = "prompts/train.txt"
@@ -70,7 +85,7 @@ class Args(chain_args.ChainArgs):
     """held-out prompts for evaluation"""
     resolution: int = 512
     """image side in pixels (latents are resolution / 8); a multiple of the model's VAE × UNet downsampling
-    (SD1.5: 64)"""
+    (SD1.5: 64) or VAE downsampling × patch size (SD3: 16)"""
     steps: int = 200
     """optimizer updates (progressive stages are fractions of them)"""
     budget: float = 0.0
@@ -94,20 +109,22 @@ class Args(chain_args.ChainArgs):
     """rank r of each LoRA branch (paper: 128)"""
     lora_alpha: float = 128.0
     """LoRA alpha: each branch adds (alpha / r) B A (alpha = r: scale 1, as diffusers' LoRA training script)"""
-    lora_targets: list[str] = field(default_factory=lambda: list(sd.LORA_TARGETS))
-    """UNet modules that get the LoRA branches (paper: attention and feed-forward)"""
-    guidance: float = 7.5
-    """classifier-free guidance scale w of the base and tuned model (training chains and sampler)"""
+    lora_targets: list[str] = field(default_factory=list)
+    """modules of the UNet / transformer that get the LoRA branches (paper: attention and feed-forward; empty: the
+    model's, sd.LORA_TARGETS or sd3.LORA_TARGETS)"""
+    guidance: float | None = None
+    """classifier-free guidance scale w of the base and tuned model (training chains and sampler; None: the
+    pipeline's default, 7.5 for SD1.5, 7.0 for SD3)"""
     mixed_precision: str = "no"
     """no | bf16 | fp16 (accelerate); frozen weights are stored in this dtype, the LoRA branches in float32"""
     gradient_checkpointing: bool = False
-    """also checkpoint inside the UNet"""
+    """also checkpoint inside the UNet / transformer"""
     checkpoint_decode: bool = True
     """recompute the VAE decode in backward instead of storing its activations"""
     channels_last: bool = True
     """channels_last memory format for the UNet and VAE on CUDA"""
     compile: bool = False
-    """torch.compile the UNet (CUDA; recompiles once per adapter combination)"""
+    """torch.compile the UNet / transformer (CUDA; recompiles once per adapter combination)"""
     seed: int = 0
     """seed of prompts, noise and chain draws"""
     eval_every: int = 100
@@ -126,7 +143,7 @@ class Args(chain_args.ChainArgs):
 
 
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(chain_args.ChainArgs)) + (
-    "model", "reward", "clip_model", "digit_classifier", "shortcut", "shortcut_guidance", "shortcut_scale",
+    "model", "t5", "reward", "clip_model", "digit_classifier", "shortcut", "shortcut_guidance", "shortcut_scale",
     "resolution", "lora_rank", "lora_alpha", "lora_targets", "guidance", "seed")
 """What --resume keeps: the settings that make the model, the LoRA branches and the method (a resumed run may
 change --steps, --lr, --batch-size, --save-every, …)."""
@@ -136,22 +153,69 @@ TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvc
 TINY = dict(resolution=32, steps=4, eval_every=0, eval_samples=4, save_every=2, name="sd-tiny", lora_rank=4,
             lora_alpha=4.0)
 """--tiny replaces these defaults (fields set to anything other than their default are kept)."""
+TINY_SD3 = dict(TINY, name="sd3-tiny", shortcut_guidance=shortcut.SHORTCUTS[sd3.DEFAULT_SHORTCUT].guidance)
+"""--tiny-sd3's: the same, and the stand-in shortcut gets the SD3 default shortcut's CFG inside its jumps."""
+WORLDS = {sd.PIPELINE: sd, sd3.PIPELINE: sd3}
+"""The model's world by its pipeline class (model_index.json): the module with its components, denoisers, sampler
+and saved model. Everything else in this script is the same for both."""
+
+
+def world_of(args: Args):
+    """The world of the model being fine-tuned: `sd3` for an SD3 / SD3.5 pipeline, `sd` for SD1.5 (--tiny-sd3 /
+    --tiny build theirs unless --model is given), read from the folder or hub cache before anything is built (a
+    model that cannot be read yet counts as SD1.5, or SD3 with --tiny-sd3: checking its folder says what is missing).
+    ArgError for another pipeline."""
+    if (args.tiny or args.tiny_sd3) and args.model == Args.model:
+        return sd3 if args.tiny_sd3 else sd
+    kind = sd.pipeline_class(args.model)
+    runio.require(kind is None or kind in WORLDS, "model", args.model,
+                  f"a {kind} folder: train_sd.py fine-tunes {sd.PIPELINE} (SD1.5) and {sd3.PIPELINE} (SD3, SD3.5) "
+                  "models")
+    return WORLDS.get(kind, sd3 if args.tiny_sd3 else sd)
+
+
+def with_world(args: Args, world) -> Args:
+    """The settings left to the model (--guidance, --shortcut, --lora-targets) filled in with the world's own."""
+    return dataclasses.replace(args, guidance=world.GUIDANCE if args.guidance is None else args.guidance,
+                               shortcut=args.shortcut or world.DEFAULT_SHORTCUT,
+                               lora_targets=list(args.lora_targets or world.LORA_TARGETS))
+
+
+def model_grid(args: Args, world) -> tuple[list[float], object]:
+    """(grid, schedule) of the model's sampler from its scheduler config, read before anything is built: the local
+    folder's or the hub cache's, the world's own (sd.SCHEDULER, sd3.SCHEDULER) for --tiny or a model not fetched."""
+    config = None if (args.tiny or args.tiny_sd3) and args.model == Args.model else sd.scheduler_config(args.model)
+    config = config or world.SCHEDULER
+    steps = args.num_steps if 0 <= args.num_steps <= 1000 else 0  # a bad --num-steps: check_chain_args says so
+    return sd.grid_from_diffusers(config, steps), sd.schedule_from_diffusers(config)
 
 
 def check_args(args: Args) -> None:
     """Every argument, in field order, before any model is built or downloaded: one line `--flag VALUE: what to do`
     (a ValueError). Local paths are checked without any network round trip; a hub id must be in the local cache or
-    the hub reachable (if it is not, the process goes offline: see sd.hub_offline)."""
+    the hub reachable (if it is not, the process goes offline: see sd.hub_offline). The chain arguments are checked
+    against the model's own grid (its scheduler config, read from the folder)."""
     import importlib.util
 
-    chain_args.check_chain_args(args)  # against SD1.5's grid; once the model is loaded, against its own
+    tiny, own_shortcut = args.tiny or args.tiny_sd3, args.shortcut
+    world = world_of(args)
+    try:
+        grid, schedule = model_grid(args, world)
+    except ValueError as e:  # a scheduler this repo cannot run (FLUX's dynamic shift)
+        raise runio.ArgError("model", args.model, " ".join(str(e).split())) from None
+    chain_args.check_chain_args(args, grid, schedule)  # checked again against the loaded model's config
+    args = with_world(args, world)
     runio.check_run_name(args.name, out_flag="--out-dir")
     runio.check_writable_dir("--out-dir", args.out_dir)
     if args.tiny_dir:
         runio.check_writable_dir("--tiny-dir", args.tiny_dir)
     default = Args()
-    if not args.tiny or args.model != default.model:  # --tiny builds its own model unless one is given
-        sd.check_source("model", args.model, sd.PIPELINE_FILES, "an SD1.5 pipeline folder (unet/, vae/, …)")
+    if not tiny or args.model != default.model:  # --tiny builds its own model unless one is given
+        sd.check_source("model", args.model, world.PIPELINE_FILES, world.FOLDER)
+    if args.t5:
+        runio.require(world is sd3, "t5", args.t5, "SD1.5 has no T5 text encoder: drop --t5")
+        runio.require(tiny and args.model == default.model or sd.model_file(args.model, "text_encoder_3/config.json")
+                      is not None, "t5", args.t5, "the model has no text_encoder_3/ (T5): drop --t5")
     images = [n for n in rewards.REWARDS if n not in rewards.TOY_REWARDS]
     runio.check_arg("reward", args.reward, rewards.check_reward_spec, args.reward, images)
     if args.digit_classifier is not None:
@@ -159,8 +223,8 @@ def check_args(args: Args) -> None:
                       "no such file: pass the .safetensors that minisd.py writes (runs/minisd/classifier.safetensors)")
     if args.clip_model is not None:
         sd.check_source("clip_model", args.clip_model, ("config.json",), "a CLIP model folder (config.json, …)")
-    if args.method == "shortft" and (not args.tiny or args.shortcut != default.shortcut):
-        sd.check_shortcut("shortcut", args.shortcut)
+    if args.method == "shortft" and (not tiny or own_shortcut):  # --tiny: a stand-in unless one is given
+        sd.check_shortcut("shortcut", args.shortcut, shortcut.SHORTCUTS[world.DEFAULT_SHORTCUT].base)
     if args.shortcut_guidance is not None:
         runio.require_range("shortcut_guidance", args.shortcut_guidance, 0, 100)
     if args.shortcut_scale is not None:
@@ -168,7 +232,8 @@ def check_args(args: Args) -> None:
     for flag in ("train_prompts", "eval_prompts"):
         runio.check_arg(flag, getattr(args, flag), sd.load_prompts, sd.find_file(getattr(args, flag)))
     runio.require_range("resolution", args.resolution, 8, 4096)
-    runio.require(args.resolution % 8 == 0, "resolution", args.resolution, "must be a multiple of 8 (SD1.5: of 64)")
+    runio.require(args.resolution % 8 == 0, "resolution", args.resolution,
+                  "must be a multiple of 8 (SD1.5: of 64, SD3: of 16)")
     runio.require_range("steps", args.steps, 1)
     runio.require_range("budget", args.budget, 0, what="0: --steps only")
     runio.require(args.budget_unit in budget.UNITS and args.budget_unit != "updates", "budget_unit", args.budget_unit,
@@ -182,8 +247,8 @@ def check_args(args: Args) -> None:
     runio.require_range("max_grad_norm", args.max_grad_norm, 0, what="0: no clipping")
     runio.require_range("lora_rank", args.lora_rank, 1, 4096)
     runio.require_range("lora_alpha", args.lora_alpha, 0, 1e4, low_open=True)
-    runio.require(bool(args.lora_targets) and all(args.lora_targets), "lora_targets", args.lora_targets,
-                  f"name at least one UNet module, e.g. {' '.join(sd.LORA_TARGETS)}")
+    runio.require(all(args.lora_targets), "lora_targets", args.lora_targets,
+                  f"an empty module name: name modules of the model, e.g. {' '.join(world.LORA_TARGETS)}")
     runio.require_range("guidance", args.guidance, 0, 100)
     runio.require(args.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", args.mixed_precision,
                   "use no, bf16 or fp16")
@@ -197,26 +262,27 @@ def check_args(args: Args) -> None:
         found = any(importlib.util.find_spec(m) for m in ((args.log_with, "tensorboardX")
                                                           if args.log_with == "tensorboard" else (args.log_with,)))
         runio.require(found, "log_with", args.log_with, f"the package is not installed: pip install {args.log_with}")
-    if not args.tiny:
+    if not tiny:
         sd.hub_offline()  # the rewards' hub models are loaded later: offline at once if the hub is unreachable
 
 
 def apply_tiny(args: Args, build: bool = True) -> Args:
-    """--tiny: point the args at tiny SD, CLIP and shortcut files under runs/<name>/tiny/ (or --tiny-dir), built there
-    unless they exist (build=False: only the paths)."""
+    """--tiny / --tiny-sd3: point the args at tiny SD (or SD3), CLIP and shortcut files under runs/<name>/tiny/ (or
+    --tiny-dir), built there unless they exist (build=False: only the paths)."""
     import tiny
 
     defaults = Args()
     keep = lambda k: getattr(args, k) != getattr(defaults, k)  # noqa: E731
-    args = dataclasses.replace(args, **{k: v for k, v in TINY.items() if not keep(k)})
+    args = dataclasses.replace(args, **{k: v for k, v in (TINY_SD3 if args.tiny_sd3 else TINY).items() if not keep(k)})
     root = Path(args.tiny_dir) if args.tiny_dir else Path(args.out_dir) / args.name / "tiny"
-    model, sc = root / "sd", root / "shortcut_lora.safetensors"
+    model, sc = (root / "sd3", root / "shortcut_sd3_lora.safetensors") if args.tiny_sd3 else \
+        (root / "sd", root / "shortcut_lora.safetensors")
     if build:
-        tiny.tiny_sd(model)
+        (tiny.tiny_sd3 if args.tiny_sd3 else tiny.tiny_sd)(model)
         if not (root / "clip" / "config.json").is_file():
             tiny.tiny_clip(root / "clip")
         if not sc.is_file():
-            tiny.tiny_shortcut_lora(sc, model / "unet")
+            tiny.tiny_shortcut_lora(sc, model / ("transformer" if args.tiny_sd3 else "unet"))
     tiny_files = dict(model=str(model), reward="clipscore", clip_model=str(root / "clip"), shortcut=str(sc))
     return dataclasses.replace(args, **{k: v for k, v in tiny_files.items() if not keep(k)})
 
@@ -239,8 +305,10 @@ def main(args: Args) -> dict:
     # per thread and worker threads copy it when they start, so it is set before any parallel work.
     torch.set_flush_denormal(True)
     check_args(args)
-    if args.tiny:
+    world = world_of(args)  # sd (SD1.5) or sd3 (SD3, SD3.5): components, denoisers, sampler, saved model
+    if args.tiny or args.tiny_sd3:
         args = apply_tiny(args, build=False)
+    args = with_world(args, world)
     args = dataclasses.replace(args, train_prompts=str(sd.find_file(args.train_prompts)),
                                eval_prompts=str(sd.find_file(args.eval_prompts)))
     run_dir = Path(args.out_dir) / args.name
@@ -251,7 +319,7 @@ def main(args: Args) -> dict:
     accelerator = sd.make_accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
                                       log_with=args.log_with or None, project_dir=str(run_dir))
     device, main_proc = accelerator.device, accelerator.is_main_process
-    if args.tiny:  # built by the main process alone, then read by all
+    if args.tiny or args.tiny_sd3:  # built by the main process alone, then read by all
         if main_proc:
             apply_tiny(args)
         accelerator.wait_for_everyone()
@@ -266,11 +334,11 @@ def main(args: Args) -> dict:
     set_seed(args.seed)  # python, numpy, torch: every draw below comes from these, the same on every process
 
     try:
-        c = sd.load_components(args.model, device, dtype)
+        c = world.load_components(args.model, device, dtype, **({"t5": True} if args.t5 else {}))
     except (OSError, ValueError) as e:
         raise user_error(e) from None
-    unet, vae, tok, te = c["unet"], c["vae"], c["tokenizer"], c["text_encoder"]
-    sd.check_model(unet, vae, args.resolution, args.lora_targets)
+    net, vae = c[world.NETWORK], c["vae"]  # the denoising network: SD1.5's UNet or SD3's transformer
+    world.check_model(net, vae, args.resolution, args.lora_targets)
     schedule = sd.schedule_from_diffusers(c["scheduler"].config)
     grid = sd.grid_from_diffusers(c["scheduler"].config, args.num_steps)
     try:
@@ -287,19 +355,19 @@ def main(args: Args) -> dict:
         sc_scale = sc_spec.lora_scale if args.shortcut_scale is None else args.shortcut_scale
         sc_guidance = sc_spec.guidance if args.shortcut_guidance is None else args.shortcut_guidance
         try:
-            shortcut.load_shortcut_lora(unet, sc_file, sd.SHORTCUT_ADAPTER, sc_scale)
+            shortcut.load_shortcut_lora(net, sc_file, sd.SHORTCUT_ADAPTER, sc_scale)
         except (OSError, ValueError) as e:
             raise runio.ArgError("shortcut", args.shortcut, " ".join(str(e).split())) from None
-    names = sd.add_tuned_loras(unet, shortft.num_loras(points, aware), args.lora_rank, args.lora_alpha,
-                               args.lora_targets)
-    lora_params = sd.lora_parameters(unet, names)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    names = world.add_tuned_loras(net, shortft.num_loras(points, aware), args.lora_rank, args.lora_alpha,
+                                  args.lora_targets)
+    lora_params = sd.lora_parameters(net, names)
+    if args.gradient_checkpointing:  # each block recomputed with the adapters of its forward (peft trap 3)
+        shortcut.enable_adapter_checkpointing(net)
     if args.channels_last and device.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
-    layers = shortcut.lora_layers(unet)
-    forward_unet = torch.compile(unet) if args.compile else unet
+    layers = shortcut.lora_layers(net)
+    forward_net = torch.compile(net) if args.compile else net
     try:
         reward = rewards.make_reward(args.reward, device=device, dtype=dtype,
                                      **({"clip_model": args.clip_model} if args.clip_model else {}),
@@ -309,17 +377,17 @@ def main(args: Args) -> dict:
     # one optimizer over every branch: AdamW skips the parameters a stage leaves without gradient
     optimizer = accelerator.prepare(torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay))
     cache: dict[str, torch.Tensor] = {}
-    uncond = sd.encode_prompts([""], tok, te, cache)
+    uncond = world.encode(c, [""], cache)
 
     skipped, spent = 0, budget.Spent()  # spent: what the updates have used so far (--steps, --budget)
     if args.resume:  # the newest checkpoint that loads, with exactly this run's LoRA keys and shapes
-        _, weights, state = runio.resume_checkpoint(run_dir, optimizer.optimizer, expect=sd.lora_weights(unet, names))
-        named = dict(unet.named_parameters())
+        _, weights, state = runio.resume_checkpoint(run_dir, optimizer.optimizer, expect=sd.lora_weights(net, names))
+        named = dict(net.named_parameters())
         with torch.no_grad():
             for n, w in weights.items():
                 named[n].copy_(w)
         skipped, spent = state["skipped"], budget.Spent(**state["spent"])
-        sd.check_processes_agree(accelerator, sd.lora_weights(unet, names), spent.updates)  # the same checkpoint
+        sd.check_processes_agree(accelerator, sd.lora_weights(net, names), spent.updates)  # the same checkpoint
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = run_dir / "metrics.jsonl"
@@ -334,10 +402,11 @@ def main(args: Args) -> dict:
     stages = range(1, k + 1)
     costs = {s: shortft.chain_cost(shortft.make_chain(args.method, grid, random.Random(0),
                                                       **chain_args.chain_switches(args, points, s))) for s in stages}
-    print(f"run {run_dir}  method {args.method}  reward {args.reward}  model {args.model}\n"
+    print(f"run {run_dir}  method {args.method}  reward {args.reward}  model {args.model} ({world.PIPELINE}"
+          f"{', T5 ' + ('on' if args.t5 else 'off') if world is sd3 else ''})\n"
           f"  grid {len(grid)} {type(schedule).__name__} steps ({grid[0]:g} … {grid[-1]:g}), CFG {args.guidance}, {args.resolution}px, "
           f"{args.mixed_precision} on {device} × {accelerator.num_processes}\n"
-          f"  LoRA points {list(points) if points else 'none (one LoRA at every step)'}, branches {names}, "
+          f"  LoRA points {[round(p, 1) for p in points] if points else 'none (one LoRA at every step)'}, branches {names}, "
           f"rank {args.lora_rank}, alpha {args.lora_alpha}: {sum(p.numel() for p in lora_params):,} parameters\n"
           f"  shortcut {f'{args.shortcut} (scale {sc_scale}, CFG {sc_guidance})' if sc_file else '-'}\n"
           f"  effective batch {args.batch_size * args.grad_accum * accelerator.num_processes}, updates {spent.updates} → "
@@ -348,10 +417,10 @@ def main(args: Args) -> dict:
     def evaluate():
         kw = dict(seeds=list(range(len(eval_prompts))), resolution=args.resolution, batch=args.eval_batch, cache=cache)
         if "base" not in evaluate.__dict__:
-            evaluate.base = sd.sample(c, eval_prompts, grid=grid, guidance=args.guidance, model=shortft.BASE, **kw)
+            evaluate.base = world.sample(c, eval_prompts, grid=grid, guidance=args.guidance, model=shortft.BASE, **kw)
             with torch.no_grad():
                 evaluate.base_r = reward(evaluate.base.to(device), eval_prompts).float().cpu()
-        tuned = sd.sample(c, eval_prompts, grid=grid, guidance=args.guidance, points=points, timestep_aware=aware, **kw)
+        tuned = world.sample(c, eval_prompts, grid=grid, guidance=args.guidance, points=points, timestep_aware=aware, **kw)
         with torch.no_grad():
             r = reward(tuned.to(device), eval_prompts).float().cpu()
         sd.save_grid([evaluate.base, tuned], run_dir / f"eval_{spent.updates:06d}.png")
@@ -362,15 +431,16 @@ def main(args: Args) -> dict:
               f"(base {out['eval/base_reward_mean']:.4f})")
         return out
 
-    lora_kw = dict(grid=grid, points=points, timestep_aware=aware, guidance=args.guidance, method=args.method)
+    lora_kw = dict(grid=grid, points=points, timestep_aware=aware, guidance=args.guidance, method=args.method,
+                   t5=args.t5)
 
     def save():  # checkpoint step_N: the LoRA folder's files (as runs/<name>/lora) + optimizer + RNG
         tmp = run_dir / ".checkpoint-lora.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        sd.write_lora(unet, tmp, **lora_kw)
+        world.write_lora(net, tmp, **lora_kw)
         state = {"skipped": skipped, "spent": dataclasses.asdict(spent), "stage": stage, "args": dataclasses.asdict(args)}
-        runio.save_checkpoint(run_dir, spent.updates, sd.lora_weights(unet, names), optimizer.optimizer, state,
+        runio.save_checkpoint(run_dir, spent.updates, sd.lora_weights(net, names), optimizer.optimizer, state,
                               {f.name: f for f in tmp.iterdir()})
         shutil.rmtree(tmp)
 
@@ -388,20 +458,20 @@ def main(args: Args) -> dict:
         if chain_args.stage_of(args, progress(), k) != stage:  # progressive training: stage i trains LoRA_i … LoRA_k
             stage = chain_args.stage_of(args, progress(), k)
             trained = sd.stage_adapters(stage, points, aware)
-            params = sd.set_trainable(unet, trained)
+            params = sd.set_trainable(net, trained)
             switches = chain_args.chain_switches(args, points, stage)
-        with accelerator.accumulate(unet):
+        with accelerator.accumulate(net):
             # --- sample --- (the whole batch of every process, from the same streams; this process keeps its share)
             whole = args.batch_size * accelerator.num_processes
             prompts = [random.choice(train_prompts) for _ in range(whole)][mine]
-            cond = sd.encode_prompts(prompts, tok, te, cache)
-            den = sd.make_denoisers(forward_unet, cond, uncond, args.guidance, points, aware, sc_guidance, layers)
+            cond = world.encode(c, prompts, cache)
+            den = world.make_denoisers(forward_net, cond, uncond, args.guidance, points, aware, sc_guidance, layers)
             chain = shortft.make_chain(args.method, grid, None, **switches)
-            x_T = torch.randn(whole, unet.config.in_channels, side, side)[mine].to(device)  # CPU stream: checkpointed
+            x_T = torch.randn(whole, net.config.in_channels, side, side)[mine].to(device)  # CPU stream: checkpointed
 
             # --- reward ---
             def reward_fn(latents):
-                return reward(sd.decode(vae, latents, args.checkpoint_decode), prompts).float()
+                return reward(world.decode(vae, latents, args.checkpoint_decode), prompts).float()
 
             def forward_backward():
                 with accelerator.autocast():
@@ -431,7 +501,7 @@ def main(args: Args) -> dict:
                    "chain/grad_evals": shortft.chain_cost(chain)["grad"]}
         checkpoint = (args.save_every and step % args.save_every == 0) or progress() >= 1
         if checkpoint:
-            sd.check_processes_agree(accelerator, sd.lora_weights(unet, names), step)
+            sd.check_processes_agree(accelerator, sd.lora_weights(net, names), step)
         if main_proc:  # the other processes go on to the next update and wait for this one in its all-reduce
             runio.append_jsonl(metrics, run_dir / "metrics.jsonl")
             if args.log_with:
@@ -445,13 +515,14 @@ def main(args: Args) -> dict:
     if main_proc:
         if last_eval is None or last_eval["update"] != spent.updates:
             last_eval = evaluate()
-        sd.save_lora(unet, run_dir / "lora", **lora_kw)  # always rewritten, as a whole (runio.atomic_folder)
-        print(f"LoRA: {run_dir / 'lora'} (sd.load_lora, or sd.prepare_pipeline for a stock StableDiffusionPipeline)")
+        world.save_lora(net, run_dir / "lora", **lora_kw)  # always rewritten, as a whole (runio.atomic_folder)
+        print(f"LoRA: {run_dir / 'lora'} ({world.__name__}.load_lora, or {world.__name__}.prepare_pipeline for a stock "
+              f"{world.PIPELINE})")
     accelerator.wait_for_everyone()  # every process ends once the main one has written the run
     accelerator.end_training()
     return {"run_dir": run_dir, "update": spent.updates, "skipped": skipped, "eval": last_eval, "args": args,
             "spent": dataclasses.asdict(spent),
-            "weights": {n: w.detach() for n, w in sd.lora_weights(unet, names).items()}}
+            "weights": {n: w.detach() for n, w in sd.lora_weights(net, names).items()}}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Every bad input and every interruption of the four scripts, through their real entry points.
 
-Not part of the paper's method: the robustness contract of `train_toy.py`, `bench_toy.py`, `train_sd.py --tiny` and
+Not part of the paper's method: the robustness contract of `train_toy.py`, `bench_toy.py`, `train_sd.py --tiny` (and
+the same on the SD3 path, `train_sd.py --tiny-sd3`: every bad input the SD1.5 path refuses has an SD3 twin) and
 `bench_sd.py --tiny`. A bad input (a numeric switch at 0, negative, nan, inf or absurd; an unknown name; a missing,
 empty, binary or foreign file; a folder where a file goes; an unwritable or escaping run name; a resume that does not
 fit its run) ends with exit status 2 and exactly one line on stderr, without a traceback; an argument error is found
@@ -9,7 +10,7 @@ in the middle of the final LoRA write (stopped exactly there by runio's RUNIO_PA
 --resume ends bit-identical to an uninterrupted run: the final checkpoint's weights and every tensor of the final LoRA.
 
 Notation: CASES the bad inputs (script, arguments added to the script's tiny base arguments, words the one line must
-hold, a preparation); a kill point "POINT@NAME" pauses where runio writes NAME (see runio._pause).
+hold, a preparation; script "train_sd3" is train_sd.py on the tiny SD3); a kill point "POINT@NAME" pauses where runio writes NAME (see runio._pause).
 
 Run: python -m pytest -q tests/test_bad_inputs.py
 """
@@ -45,6 +46,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THR
 WORLD = dict(hidden=16, depth=1, pretrain_steps=30, pretrain_batch=64, shortcut_rank=4, distill_steps=10,
              distill_pairs=128, distill_batch=64)
 POINTS = ["701", "401", "201", "1"]  # the 10-step grid's LoRA points: 4 progressive stages at a fifth of the cost
+SD3_POINTS = ["913.3", "707.3", "464.9", "8.9"]  # the same on SD3's 10-step flow grid (shift 3), typed to one decimal
 tqdm.tqdm.monitor_interval = 0  # no tqdm monitor thread, so that forking a training process is safe
 
 
@@ -87,11 +89,26 @@ def files(tmp_path_factory):
     partial.update({"unet.down_blocks.7.attentions.0.to_q.lora_A.weight": torch.ones(2, 8),
                     "unet.down_blocks.7.attentions.0.to_q.lora_B.weight": torch.ones(8, 2)})
     save_file(partial, str(root / "partial_shortcut.safetensors"))
+    tiny.tiny_sd3(sd_dir / "sd3")  # what --tiny-sd3 builds, next to the SD1.5 files
+    tiny.tiny_shortcut_lora(sd_dir / "shortcut_sd3_lora.safetensors", sd_dir / "sd3" / "transformer")
+    partial = load_file(str(sd_dir / "shortcut_sd3_lora.safetensors"))  # the shortcut plus a block the model lacks
+    partial.update({"transformer.transformer_blocks.7.attn.to_q.lora_A.weight": torch.ones(2, 8),
+                    "transformer.transformer_blocks.7.attn.to_q.lora_B.weight": torch.ones(8, 2)})
+    save_file(partial, str(root / "partial_shortcut_sd3.safetensors"))
+    for name, index, scheduler in (("flux", "FluxPipeline", {"shift": 3.0}),
+                                   ("dynamic", "StableDiffusion3Pipeline", {"shift": 3.0, "use_dynamic_shifting": True})):
+        (root / name / "scheduler").mkdir(parents=True)  # a pipeline folder this repo does not train
+        (root / name / "model_index.json").write_text(json.dumps({"_class_name": index}))
+        (root / name / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", **scheduler}))
+    shutil.copytree(sd_dir / "sd3", root / "not5", ignore=shutil.ignore_patterns("*_3"))  # SD3 without T5
     cache = root / "cache"
     toy.build_toy(toy.WorldArgs(cache_dir=str(cache), **WORLD), shortft.PAPER_LORA_POINTS)
-    paths = {"root": root, "cache": cache, "tiny": sd_dir, "toy_runs": root / "toy-runs", "sd_runs": root / "sd-runs"}
+    paths = {"root": root, "cache": cache, "tiny": sd_dir, "toy_runs": root / "toy-runs", "sd_runs": root / "sd-runs",
+             "sd3_runs": root / "sd3-runs"}
     train_toy.train(train_toy.Args(**toy_settings(paths), name="done", save_every=1), log=lambda *a: None)
     train_sd.main(sd_args(paths, name="done", steps=2, save_every=1))
+    train_sd.main(sd3_args(paths, name="done", steps=2, save_every=1))
     return paths
 
 
@@ -108,6 +125,13 @@ def sd_args(paths, **kw) -> train_sd.Args:
     return train_sd.Args(**{**base, **kw})
 
 
+def sd3_args(paths, **kw) -> train_sd.Args:
+    """train_sd.Args of a tiny SD3 run: the tiny SD3 files, SD3's 10-step flow grid, 2 updates."""
+    base = dict(tiny_sd3=True, tiny_dir=str(paths["tiny"]), out_dir=str(paths["sd3_runs"]), num_steps=10,
+                lora_points=[float(p) for p in SD3_POINTS], steps=2, save_every=1, eval_samples=2, eval_batch=2)
+    return train_sd.Args(**{**base, **kw})
+
+
 def base_argv(script: str, paths: dict, out: Path) -> list[str]:
     """Tiny, valid arguments of each script, writing under `out`."""
     if script == "train_toy":
@@ -115,9 +139,11 @@ def base_argv(script: str, paths: dict, out: Path) -> list[str]:
     if script == "bench_toy":
         return flags(dict(WORLD, cache_dir=paths["cache"], out_dir=out, seeds=[0], variants=["shortft"], budget=2,
                           budget_unit="updates", evals=1, eval_batch=8, grad_samples=8, chain_lengths=[10]))
-    if script == "train_sd":
-        return ["--tiny", *flags(dict(tiny_dir=paths["tiny"], out_dir=out, num_steps=10, lora_points=POINTS, steps=2,
-                                      save_every=1, eval_samples=2, eval_batch=2))]
+    if script in ("train_sd", "train_sd3"):
+        sd3_path = script == "train_sd3"
+        return ["--tiny-sd3" if sd3_path else "--tiny",
+                *flags(dict(tiny_dir=paths["tiny"], out_dir=out, num_steps=10, lora_points=SD3_POINTS if sd3_path
+                            else POINTS, steps=2, save_every=1, eval_samples=2, eval_batch=2))]
     return ["--tiny", *flags(dict(device="cpu", num_steps=10, lora_points=POINTS, batch_sizes=[1], warmup=0,
                                   repeats=1, lora_rank=4, out=out / "bench"))]
 
@@ -126,6 +152,7 @@ ENTRY = {  # what each script's __main__ block runs
     "train_toy": train_toy.main,
     "bench_toy": bench_toy.main,
     "train_sd": lambda argv: runio.cli(train_sd.main, train_sd.Args, train_sd.check_args, argv),
+    "train_sd3": lambda argv: runio.cli(train_sd.main, train_sd.Args, train_sd.check_args, argv),
     "bench_sd": lambda argv: runio.cli(bench_sd.main, bench_sd.Args, bench_sd.check_args, argv),
 }
 
@@ -301,7 +328,10 @@ CASES = [Case("train_toy", [f"--{k.replace('_', '-')}", v], w) for k, v, w in TO
     Case("train_sd", ["--seed", str(2**33)], "--seed 8589934592"),
     Case("train_sd", ["--mixed-precision", "fp8"], "--mixed-precision fp8"),
     Case("train_sd", ["--log-with", "nope"], "--log-with nope"),
-    Case("train_sd", ["--lora-targets"], "--lora-targets (empty)"),
+    Case("train_sd", ["--lora-targets", ""], "--lora-targets '': an empty module name"),
+    Case("train_sd", ["--t5"], "--t5 True: SD1.5 has no T5 text encoder: drop --t5"),
+    Case("train_sd", ["--shortcut", "hyper-sd3-8-cfg"], "a shortcut of sd3 models, not of this sd1.5 model: choose from "
+                                                        "hyper-sd-8"),
     Case("train_sd", ["--method", "nope"], "--method nope: unknown method"),
     Case("train_sd", ["--lora-points", "701", "450", "1"], "LoRA point(s) [450] are not on the 10-step grid"),
     Case("train_sd", ["--stage-fractions", "0.5", "0.5"], "must be 4 positive numbers"),
@@ -370,6 +400,51 @@ if not torch.cuda.is_available():
     CASES.append(Case("bench_sd", ["--device", "cuda"], "no CUDA device"))
 
 
+# The SD3 path (train_sd.py --tiny-sd3): every bad input of the SD1.5 path, with the SD3 words where they differ, and
+# what only a flow model can get wrong.
+SD3_ARGV = {("--lora-points", "701", "450", "1"): ["--lora-points", "913.3", "450", "8.9"],
+            ("--no-tiny", "--model", "{tiny}/sd"): ["--no-tiny-sd3", "--model", "{tiny}/sd3"],
+            ("--shortcut", "{root}/partial_shortcut.safetensors"): ["--shortcut", "{root}/partial_shortcut_sd3.safetensors"],
+            ("--shortcut", "hyper-sd3-8-cfg"): ["--shortcut", "hyper-sd-4"]}
+SD3_WORDS = {"is a file: pass an SD1.5 pipeline folder": "is a file: pass an SD3 pipeline folder",
+             "the folder has no unet/config.json": "the folder has no transformer/config.json",
+             "does not fit this UNet: 32 of its": "does not fit this SD3 transformer: 32 of its",
+             "no UNet module is named 'no_such_module'": "no transformer module is named 'no_such_module'",
+             "--t5 True: SD1.5 has no T5 text encoder: drop --t5": "--t5 True: the model has no text_encoder_3/ (T5)",
+             "a shortcut of sd3 models, not of this sd1.5 model: choose from hyper-sd-8":
+                 "a shortcut of sd1.5 models, not of this sd3 model: choose from hyper-sd3-4-cfg"}
+SD3_ARGV[("--t5",)] = ["--t5", "--model", "{root}/not5"]
+
+
+def sd3_prepare(prepare):
+    """A preparation of the SD1.5 path, on the SD3 runs (the finished run `done` of the SD3 path)."""
+    return None if prepare is None else (lambda paths, name: prepare({**paths, "sd_runs": paths["sd3_runs"]}, name))
+
+
+SD3_TWINS = [dataclasses.replace(c, script="train_sd3", argv=SD3_ARGV.get(tuple(c.argv), c.argv),
+                                 words=SD3_WORDS.get(c.words, c.words), prepare=sd3_prepare(c.prepare))
+             for c in CASES if c.script == "train_sd"]
+CASES += SD3_TWINS + [
+    Case("train_sd3", ["--lora-points", "814", "8.9"], "--lora-points 814 8.9: LoRA point(s) [814] are not on the "
+         "10-step grid"),
+    Case("train_sd3", ["--lora-points", "814", "8.9"], "; the grid: 1000.0 960.1 913.3 857.7 790.4 707.3 602.2 464.9 "
+         "278.0 8.9"),
+    Case("train_sd3", ["--num-steps", "3", "--lora-points"], "--lora-points (empty): the 3-step grid is too short for the "
+         "paper's 4 distinct LoRA points"),
+    Case("train_sd3", ["--model", "{root}/flux"], "a FluxPipeline folder: train_sd.py fine-tunes StableDiffusionPipeline "
+         "(SD1.5) and StableDiffusion3Pipeline (SD3, SD3.5) models"),
+    Case("train_sd3", ["--model", "{root}/dynamic"], "--model {root}/dynamic: this flow-matching scheduler shifts its grid "
+         "by image size (use_dynamic_shifting"),
+    Case("train_sd3", ["--resolution", "256"], "--resolution 256: at most 128 for this model", built=True),
+]
+
+
+def test_every_sd1_5_bad_input_is_refused_on_the_sd3_path_too():
+    sd15 = [c for c in CASES if c.script == "train_sd"]
+    assert len(SD3_TWINS) == len(sd15) > 60
+    assert all(SD3_ARGV.get(tuple(a.argv), a.argv) == b.argv for a, b in zip(sd15, SD3_TWINS))
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id(i) for i, c in enumerate(CASES)])
 def test_bad_input_is_one_line_and_exit_2(case, files, tmp_path, capfd):
     """In process, through what the script's __main__ runs: exit status 2, one line on stderr (fd level, so library
@@ -393,6 +468,7 @@ def test_bad_input_is_one_line_and_exit_2(case, files, tmp_path, capfd):
     ("bench_toy.py", ["--seeds"], "bench_toy.py: error: --seeds (empty): give one or more distinct seeds"),
     ("train_sd.py", ["--tiny", "--steps", "-3"], "train_sd.py: error: --steps -3: must be a finite number ≥ 1"),
     ("train_sd.py", ["--model", "models/sd15"], "`hf download models/sd15`"),
+    ("train_sd.py", ["--tiny-sd3", "--lora-points", "814", "8.9"], "LoRA point(s) [814] are not on the 28-step grid"),
     ("bench_sd.py", ["--tiny", "--device", "cpu", "--repeats", "0"], "bench_sd.py: error: --repeats 0"),
 ])
 def test_bad_input_in_a_real_process(script, argv, words, tmp_path):
@@ -412,9 +488,9 @@ def test_resolution_checked_against_the_loaded_model():
     vae = NS(config=NS(block_out_channels=(128, 256, 512, 512)))  # SD1.5's configs
     modules = [(f"mid_block.attentions.0.{t}", None) for t in sd.LORA_TARGETS]
     unet = NS(config=NS(block_out_channels=(320, 640, 1280, 1280)), named_modules=lambda: modules)
-    sd.check_model(unet, vae, 576, train_sd.Args().lora_targets)
+    sd.check_model(unet, vae, 576, sd.LORA_TARGETS)
     with pytest.raises(runio.ArgError, match=r"^--resolution 520: must be a multiple of 64 for this model"):
-        sd.check_model(unet, vae, 520, train_sd.Args().lora_targets)
+        sd.check_model(unet, vae, 520, sd.LORA_TARGETS)
 
 
 def test_model_path_or_hub_id(files, tmp_path, monkeypatch, capfd):
@@ -533,5 +609,26 @@ def test_sd_killed_and_resumed_is_bit_identical(files, sd_reference, tmp_path, p
     for f in files_:
         same_tensors(out / "reference" / f, out / name / f)
     assert runio.folder_problem(out / name / "lora") is None
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def sd3_reference(files):
+    """An uninterrupted train_sd.py --tiny-sd3 run: 4 updates in 4 progressive stages, a checkpoint every 2."""
+    kw = dict(steps=4, save_every=2, lr=1e-2, out_dir=str(files["root"] / "sd3-kills"))
+    train_sd.main(sd3_args(files, name="reference", **kw))
+    return kw
+
+
+def test_sd3_killed_and_resumed_is_bit_identical(files, sd3_reference, tmp_path):
+    """train_sd.py --tiny-sd3 SIGKILLed between updates 3 and 4 (last checkpoint: update 2): --resume ends with the
+    uninterrupted run's weights and final LoRA files, bit for bit, as on the SD1.5 path."""
+    out, name = Path(sd3_reference["out_dir"]), "kill-update"
+    args = sd3_args(files, name=name, **sd3_reference)
+    kill_at("update", tmp_path / "paused", lambda: train_sd.main(args), 3)
+    train_sd.main(dataclasses.replace(args, resume=True))
+    for f in ["checkpoints/step_0000004/weights.safetensors"] + [f"lora/tuned_{i}.safetensors" for i in (1, 2, 3, 4)]:
+        same_tensors(out / "reference" / f, out / name / f)
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows if "loss" in r] == [1, 2, 3, 4]

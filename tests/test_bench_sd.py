@@ -64,3 +64,23 @@ def test_bench_bad_input():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             bench_sd.main(bench_sd.Args(tiny=True, device="cuda"))
+
+
+def test_bench_tiny_sd3_cpu(tmp_path):
+    """--arch sd3 --tiny: the same rows on a tiny SD3 (flow grid, transformer, CFG jumps); the chains are the flow
+    grid's and the table says which model and grid it timed."""
+    grid = shortft.flow_timesteps(10, 3.0)
+    points = [913.3, 707.3, 464.9, 8.9]  # grid steps 2, 5, 7, 9, typed to one decimal
+    out = tmp_path / "bench3"
+    rows = bench_sd.main(bench_sd.Args(arch="sd3", tiny=True, device="cpu", batch_sizes=[1], warmup=0, repeats=1,
+                                       num_steps=10, lora_points=points, methods=["shortft", "draft_k", "full"],
+                                       lora_rank=4, out=str(out)))
+    assert [(r["method"], r["stage"]) for r in rows] == [("shortft", s) for s in (1, 2, 3, 4, "avg")] + \
+        [("draft_k", "-"), ("full", "-")]
+    exact = (grid[2], grid[5], grid[7], grid[9])
+    for r in rows[:4]:
+        cost = shortft.chain_cost(shortft.shortft(grid, exact, r["stage"]))
+        assert (r["grad_evals"], r["no_grad_evals"]) == (cost["grad"], cost["no_grad"])
+    assert rows[-1]["grad_evals"] == 10 and all(r["s_per_update"] > 0 for r in rows)
+    table = out.with_suffix(".md").read_text()
+    assert "tiny SD3.5-medium" in table and "10-step Euler grid (shift 3), T5 off" in table and "CFG 7.0" in table

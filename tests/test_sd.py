@@ -114,7 +114,8 @@ def test_script_bad_input_exits_2_with_one_line():
 def test_paper_defaults():
     import chain_args
 
-    args = train_sd.Args()
+    args = train_sd.with_world(train_sd.Args(), train_sd.world_of(train_sd.Args(tiny=True)))  # SD1.5's own
+    assert train_sd.world_of(train_sd.Args(tiny=True)) is sd and args.guidance == 7.5
     assert (args.method, args.shortcut, args.lora_points, args.num_steps) == ("shortft", "hyper-sd-4", [], 0)
     grid = sd.grid_from_diffusers(tiny.sd_components()["scheduler"].config, args.num_steps)
     assert grid == shortft.ddim_timesteps(50)  # num_steps 0: SD1.5's own 50-step sampler
@@ -253,6 +254,27 @@ def test_stage_gradient_reaches_exactly_its_branches(tiny_dir, stage):
         c["unet"].zero_grad(set_to_none=True)
         chain_loss(c, shortft.shortft(GRID, POINTS, stage)).backward()
         assert all(grads_by_adapter(c["unet"])["tuned_1"])
+
+
+def test_gradient_checkpointing_inside_the_unet_keeps_each_steps_adapters(tiny_dir):
+    """--gradient-checkpointing (shortcut.enable_adapter_checkpointing) recomputes each UNet block with the adapters of
+    its forward: the stage-1 gradient equals the one without checkpointing; diffusers' plain checkpointing recomputes
+    with the adapters the last call left active (peft trap 3) and fails."""
+
+    def grad(inside=None):
+        c, _ = components(tiny_dir)
+        if inside is not None:
+            inside(c["unet"])
+        params = sd.set_trainable(c["unet"], sd.stage_adapters(1, POINTS))
+        torch.manual_seed(0)
+        chain_loss(c, shortft.shortft(GRID, POINTS, 1)).backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    plain = grad()
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(grad(shortcut.enable_adapter_checkpointing), plain, rtol=1e-4, atol=1e-8)
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        grad(lambda m: m.enable_gradient_checkpointing())
 
 
 @pytest.mark.parametrize("method", [m for m in shortft.METHODS if m != "shortft"])
