@@ -93,7 +93,7 @@ class Args:
     """tokenizer length (SD3: 77; "a handwritten 9" is 15 byte-level tokens with start and end)"""
     t5_tokens: int = 0
     """zero tokens that stand in for the absent T5 in the prompt (the pipeline's max_sequence_length, 256 by default;
-    sample with the same value). 0: none, since 256 constant tokens would cost 90 % of every transformer call here"""
+    sample with the same value). 0: none; 256 would make every transformer call about 9× as costly (288 tokens, not 32)"""
     shift: float = 3.0
     """FlowMatchEulerDiscreteScheduler's shift, also applied to the training σ (SD3's 3.0)"""
     sigma_sampling: str = "logit_normal"
