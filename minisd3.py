@@ -215,9 +215,11 @@ def sampler_grid(args: Args) -> list[float]:
 
 
 def lora_points(args: Args, grid: list[float]) -> tuple[float, ...]:
-    """ShortFT's LoRA points on the grid: args.lora_points, or the paper's layout mapped by noise level."""
+    """ShortFT's LoRA points on the grid: args.lora_points (grid timesteps, to one decimal: 814.3 is 814.3247…), or
+    the paper's layout mapped by noise level (shortft.paper_points)."""
     if args.lora_points:
-        return shortft.check_lora_points(args.lora_points, grid)
+        return shortft.check_lora_points([next((t for t in grid if abs(t - p) < 0.05), p) for p in args.lora_points],
+                                         grid)
     return shortft.paper_points(grid, shortft.FlowSchedule())
 
 

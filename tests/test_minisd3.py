@@ -134,6 +134,7 @@ def test_shortcut_jumps_land_closer_than_the_base_euler_step(build):
     w, grid = report["guidance"]["chosen"], minisd3.sampler_grid(args)
     points = minisd3.lora_points(args, grid)
     assert points == pytest.approx((814.3, 602.2, 409.3, 8.9), abs=0.05)  # the paper's layout on SD3's grid
+    assert minisd3.lora_points(minisd3.Args(lora_points=[814.3, 602.2, 409.3, 8.9]), grid) == points
     labels = torch.arange(20) % 10
     with torch.no_grad():
         cond = minisd3.embed(pipe, [minisd.prompt(int(d)) for d in labels], args.t5_tokens)
