@@ -372,26 +372,12 @@ def distil_shortcut(args: Args, transformer, traj, cond, grid, points) -> dict:
 
 def save_shortcut(transformer, folder: Path) -> None:
     """The LoRA as folder/pytorch_lora_weights.safetensors (StableDiffusion3Pipeline.save_lora_weights, keys
-    transformer.<module>.lora_A/B.weight), read by `pipe.load_lora_weights` and `load_shortcut`."""
+    transformer.<module>.lora_A/B.weight), read by `pipe.load_lora_weights` and `shortcut.load_shortcut_lora`."""
     from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
     layers = get_peft_model_state_dict(transformer, adapter_name="shortcut")
     minisd.save_folder(lambda d: StableDiffusion3Pipeline.save_lora_weights(d, transformer_lora_layers=layers), folder)
-
-
-def load_shortcut(transformer, file: str | Path, adapter_name: str = "shortcut") -> list[torch.nn.Parameter]:
-    """The shortcut file into `transformer` as a separate frozen peft adapter (diffusers' SD3 LoRA loader); afterwards
-    only it is active (switch with shortcut.set_active_adapters, which keeps it frozen). Returns its parameters."""
-    from diffusers import StableDiffusion3Pipeline
-    from safetensors.torch import load_file
-
-    state_dict = StableDiffusion3Pipeline.lora_state_dict(load_file(str(file)))
-    StableDiffusion3Pipeline.load_lora_into_transformer(state_dict, transformer, adapter_name=adapter_name)
-    params = [p.requires_grad_(False) for n, p in transformer.named_parameters() if f".{adapter_name}." in n]
-    if sum(p.numel() for p in params) != sum(v.numel() for v in state_dict.values()):
-        raise ValueError(f"{file} does not fit this transformer (a LoRA of another model?)")
-    return params
 
 
 @torch.no_grad()
@@ -527,9 +513,9 @@ def main(args: Args) -> dict:
         numbers = distil_shortcut(args, pipe.transformer, *teacher(args.trajectories, args.seed + 8), grid, points)
         save_shortcut(pipe.transformer, sc_file.parent)
         done("shortcut", {**numbers, "lora_points": list(points), "teacher_guidance": w})
-    if todo("trajectory_error"):  # a fresh transformer and the shortcut file, loaded as a LoRA
+    if todo("trajectory_error"):  # a fresh transformer and the shortcut file
         pipe = load_pipeline(pipe_dir)
-        load_shortcut(pipe.transformer, sc_file)
+        shortcut.load_shortcut_lora(pipe.transformer, sc_file)  # as train_sd.py loads a shortcut
         shortcut.set_active_adapters(pipe.transformer, [])
         traj, cond = teacher(args.eval_trajectories, args.seed + 9)
         done("trajectory_error", dict(jumps=jump_errors(pipe.transformer, traj, cond, c_empty, w, grid, points),

@@ -124,11 +124,12 @@ def test_shortcut_loads_in_a_stock_pipeline(build):
 
 
 def test_shortcut_jumps_land_closer_than_the_base_euler_step(build):
-    """The shortcut file, loaded frozen, lands closer to the teacher's x_p than the base's one Euler + CFG step over
+    """The shortcut file, loaded frozen as train_sd.py loads a shortcut, lands closer to the teacher's x_p than the base's one Euler + CFG step over
     the same interval, on fresh trajectories (summed over the chain's three jumps next(p_{j−1}) → p_j)."""
     args, report = build
     pipe = minisd3.load_pipeline(Path(args.out) / "pipeline")
-    params = minisd3.load_shortcut(pipe.transformer, Path(args.out) / "shortcut" / "pytorch_lora_weights.safetensors")
+    params = shortcut.load_shortcut_lora(pipe.transformer,
+                                         Path(args.out) / "shortcut" / "pytorch_lora_weights.safetensors")
     assert params and not any(p.requires_grad for p in params)
     shortcut.set_active_adapters(pipe.transformer, [])
     w, grid = report["guidance"]["chosen"], minisd3.sampler_grid(args)
