@@ -48,6 +48,7 @@ import torch
 import minisd
 import rewards
 import runio
+import sd
 import shortcut
 import shortft
 
@@ -203,12 +204,6 @@ def guided_velocity(transformer, x: torch.Tensor, t, cond, uncond, w: float) -> 
     return shortft.classifier_free_guidance(v_u, v_c, w)
 
 
-def decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """Scaled latents → images in [0, 1], as the pipeline: D(z / scaling_factor + shift_factor)."""
-    x = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
-    return ((x + 1) / 2).clamp(0, 1)
-
-
 def sampler_grid(args: Args) -> list[float]:
     """The sampler's Euler grid τ_N > … > τ_1 (FlowMatchEulerDiscreteScheduler(shift).set_timesteps(N))."""
     return shortft.flow_timesteps(args.num_steps, args.shift)
@@ -329,7 +324,7 @@ def score_guidance(args: Args, pipe, c_digits, c_empty, grid, classifier):
     rates, images = {}, {}
     for w in args.guidance:
         with torch.no_grad():
-            images[w] = decode(pipe.vae, euler_trajectory(pipe.transformer, x_T, cond, c_empty, w, grid)[-1])
+            images[w] = sd.decode(pipe.vae, euler_trajectory(pipe.transformer, x_T, cond, c_empty, w, grid)[-1])
             hit = (classifier(images[w]).argmax(-1) == labels).float().view(10, -1)
         rates[w] = dict(rate=hit.mean().item(), per_digit=hit.mean(1).tolist())
     good = [w for w in args.guidance if rates[w]["rate"] >= args.target_rate]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import minisd
 import minisd3
+import sd
 import shortcut
 import shortft
 
@@ -84,7 +85,7 @@ def test_embed_is_the_two_clips_side_by_side(build):
 def test_euler_sampler_is_the_stock_pipeline(build, w):
     """The repo's sampler (shortft.sampling_chain + run_chain, FlowSchedule's Euler step, the guided velocity of
     minisd3) and minisd3.euler_trajectory equal StableDiffusion3Pipeline's 28-step Euler (+ CFG) on the same x_T,
-    in latents and in decoded images."""
+    in latents and in images decoded by sd.decode (with the VAE's shift_factor)."""
     args, report = build
     pipe = minisd3.load_pipeline(Path(args.out) / "pipeline")
     w = report["guidance"]["chosen"] if w is None else w
@@ -100,7 +101,7 @@ def test_euler_sampler_is_the_stock_pipeline(build, w):
         z = shortft.run_chain(x_T, shortft.sampling_chain(grid, model=shortft.BASE).trunk, denoisers,
                               shortft.FlowSchedule())
         traj = minisd3.euler_trajectory(pipe.transformer, x_T, cond, uncond, w, grid)
-        decoded = minisd3.decode(pipe.vae, z)
+        decoded = sd.decode(pipe.vae, z)
     torch.testing.assert_close(z, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(traj[-1], z)
     assert len(traj) == args.num_steps + 1 and torch.equal(traj[0], x_T)
