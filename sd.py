@@ -545,7 +545,8 @@ def prepare_pipeline(pipe, lora_dir: str | Path) -> dict:
     branches of the first step, and return the keyword arguments for `pipe(prompt, **kwargs)`: the number of steps,
     the CFG scale the model was trained with, and `callback_on_step_end`, which after each step activates the
     branches `shortft.active_loras` picks for the NEXT step (after the last step: the first step's, for the next
-    call). Other LoRAs loaded into the pipeline are switched off while it runs."""
+    call), and for SD3 the T5 length the branches were trained with (`max_sequence_length`). Other LoRAs loaded into
+    the pipeline are switched off while it runs."""
     from diffusers import DDIMScheduler
 
     lora_dir = Path(lora_dir)
@@ -578,7 +579,10 @@ def prepare_pipeline(pipe, lora_dir: str | Path) -> dict:
         return callback_kwargs
 
     activate(grid[0])
-    return dict(num_inference_steps=len(grid), guidance_scale=layout["guidance_scale"], callback_on_step_end=switch)
+    kwargs = dict(num_inference_steps=len(grid), guidance_scale=layout["guidance_scale"], callback_on_step_end=switch)
+    if "t5_tokens" in layout:  # SD3: the length of T5's part of the prompt embedding the branches were trained with
+        kwargs["max_sequence_length"] = layout["t5_tokens"]
+    return kwargs
 
 
 # ----------------------------------------------------------------------------- training helpers

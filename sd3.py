@@ -81,11 +81,15 @@ class Conditioning(NamedTuple):
 # ----------------------------------------------------------------------------- components and prompts
 
 
-def load_components(model: str, device="cpu", dtype=torch.float32, t5: bool = False) -> dict:
+def load_components(model: str, device="cpu", dtype=torch.float32, t5: bool = False, t5_tokens: int = T5_TOKENS) -> dict:
     """SD3 / SD3.5 tokenizers and text encoders (two CLIP, T5 only with `t5`: otherwise text_encoder_3 and
     tokenizer_3 are None and their part of the prompt embedding is zeros, as StableDiffusion3Pipeline does), VAE,
-    transformer (frozen, in `dtype`) and flow-matching scheduler from a hub id or a local pipeline folder. A missing
-    folder or uncached hub id gives one line with the `hf download` command."""
+    transformer (frozen, in `dtype`) and flow-matching scheduler from a hub id or a local pipeline folder, and
+    `t5_tokens`, the length of T5's part of the prompt embedding (the pipeline's `max_sequence_length`; 0 for a model
+    trained without it). A missing folder or uncached hub id gives one line with the `hf download` command."""
+    if not 0 <= t5_tokens <= 512 or (t5 and t5_tokens == 0):
+        raise ValueError(f"t5_tokens must be in [{int(t5)}, 512] (StableDiffusion3Pipeline's max_sequence_length), "
+                         f"got {t5_tokens}")
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -100,7 +104,7 @@ def load_components(model: str, device="cpu", dtype=torch.float32, t5: bool = Fa
              tokenizer_2=load(CLIPTokenizer, "tokenizer_2"),
              text_encoder_2=load(CLIPTextModelWithProjection, "text_encoder_2"), tokenizer_3=None, text_encoder_3=None,
              vae=load(AutoencoderKL, "vae"), transformer=load(SD3Transformer2DModel, "transformer"),
-             scheduler=load(FlowMatchEulerDiscreteScheduler, "scheduler"))
+             scheduler=load(FlowMatchEulerDiscreteScheduler, "scheduler"), t5_tokens=int(t5_tokens))
     if t5:
         c.update(tokenizer_3=load(T5TokenizerFast, "tokenizer_3"), text_encoder_3=load(T5EncoderModel, "text_encoder_3"))
     for k in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "transformer"):
@@ -146,10 +150,10 @@ def encode_prompts(prompts: Sequence[str], tokenizers: Sequence, text_encoders: 
 
 def encode(c: dict, prompts: Sequence[str], cache: dict) -> Conditioning:
     """The conditioning `make_denoisers` takes, from the components `c` (`encode_prompts` with c's tokenizers and
-    text encoders; T5 when `load_components` loaded it)."""
+    text encoders, T5 when `load_components` loaded it, and c's `t5_tokens`)."""
     return encode_prompts(prompts, (c["tokenizer"], c["tokenizer_2"], c["tokenizer_3"]),
                           (c["text_encoder"], c["text_encoder_2"], c["text_encoder_3"]), cache,
-                          c["transformer"].config.joint_attention_dim)
+                          c["transformer"].config.joint_attention_dim, c.get("t5_tokens", T5_TOKENS))
 
 
 def resolution_step(vae, transformer) -> int:

@@ -62,8 +62,11 @@ class Args(chain_args.ChainArgs):
     SD3 / SD3.5 pipeline (transformer/, vae/, text_encoder/, text_encoder_2/, …, e.g.
     stabilityai/stable-diffusion-3.5-medium); which one is read from its model_index.json"""
     t5: bool = False
-    """SD3: also load the T5 text encoder (text_encoder_3); off: its 256 tokens of the prompt embedding are zeros, as
-    in StableDiffusion3Pipeline(text_encoder_3=None) (T5-XXL is 4.7 B parameters)"""
+    """SD3: also load the T5 text encoder (text_encoder_3); off: its tokens of the prompt embedding are zeros, as in
+    StableDiffusion3Pipeline(text_encoder_3=None) (T5-XXL is 4.7 B parameters)"""
+    t5_tokens: int = 256
+    """SD3: length of T5's part of the prompt embedding (the pipeline's max_sequence_length, at most 512); 0 for a model
+    trained without it, such as the miniature SD3 (python minisd3.py)"""
     reward: str = "aesthetic"
     """reward name or weighted sum, e.g. 'pickscore:10,hpsv2:2,aesthetic:0.05' (rewards.REWARDS)"""
     clip_model: str | None = None
@@ -143,7 +146,7 @@ class Args(chain_args.ChainArgs):
 
 
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(chain_args.ChainArgs)) + (
-    "model", "t5", "reward", "clip_model", "digit_classifier", "shortcut", "shortcut_guidance", "shortcut_scale",
+    "model", "t5", "t5_tokens", "reward", "clip_model", "digit_classifier", "shortcut", "shortcut_guidance", "shortcut_scale",
     "resolution", "lora_rank", "lora_alpha", "lora_targets", "guidance", "seed")
 """What --resume keeps: the settings that make the model, the LoRA branches and the method (a resumed run may
 change --steps, --lr, --batch-size, --save-every, …)."""
@@ -216,6 +219,12 @@ def check_args(args: Args) -> None:
         runio.require(world is sd3, "t5", args.t5, "SD1.5 has no T5 text encoder: drop --t5")
         runio.require(tiny and args.model == default.model or sd.model_file(args.model, "text_encoder_3/config.json")
                       is not None, "t5", args.t5, "the model has no text_encoder_3/ (T5): drop --t5")
+    if world is sd3:
+        runio.require_range("t5_tokens", args.t5_tokens, 1 if args.t5 else 0, 512,
+                            what="StableDiffusion3Pipeline's max_sequence_length (0: no T5 tokens; not with --t5)")
+    else:
+        runio.require(args.t5_tokens == default.t5_tokens, "t5_tokens", args.t5_tokens,
+                      "SD1.5 has no T5 prompt tokens: drop --t5-tokens")
     images = [n for n in rewards.REWARDS if n not in rewards.TOY_REWARDS]
     runio.check_arg("reward", args.reward, rewards.check_reward_spec, args.reward, images)
     if args.digit_classifier is not None:
@@ -334,7 +343,8 @@ def main(args: Args) -> dict:
     set_seed(args.seed)  # python, numpy, torch: every draw below comes from these, the same on every process
 
     try:
-        c = world.load_components(args.model, device, dtype, **({"t5": True} if args.t5 else {}))
+        c = world.load_components(args.model, device, dtype,
+                                  **(dict(t5=args.t5, t5_tokens=args.t5_tokens) if world is sd3 else {}))
     except (OSError, ValueError) as e:
         raise user_error(e) from None
     net, vae = c[world.NETWORK], c["vae"]  # the denoising network: SD1.5's UNet or SD3's transformer
@@ -432,7 +442,7 @@ def main(args: Args) -> dict:
         return out
 
     lora_kw = dict(grid=grid, points=points, timestep_aware=aware, guidance=args.guidance, method=args.method,
-                   t5=args.t5)
+                   **(dict(t5=args.t5, t5_tokens=args.t5_tokens) if world is sd3 else {}))
 
     def save():  # checkpoint step_N: the LoRA folder's files (as runs/<name>/lora) + optimizer + RNG
         tmp = run_dir / ".checkpoint-lora.tmp"

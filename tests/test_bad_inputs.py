@@ -436,7 +436,11 @@ CASES += SD3_TWINS + [
     Case("train_sd3", ["--model", "{root}/dynamic"], "--model {root}/dynamic: this flow-matching scheduler shifts its grid "
          "by image size (use_dynamic_shifting"),
     Case("train_sd3", ["--resolution", "256"], "--resolution 256: at most 128 for this model", built=True),
+    Case("train_sd3", ["--t5-tokens", "513"], "--t5-tokens 513: must be a finite number in [0, 512]"),
+    Case("train_sd3", ["--t5-tokens", "-1"], "--t5-tokens -1: must be a finite number in [0, 512]"),
+    Case("train_sd3", ["--t5", "--t5-tokens", "0"], "--t5-tokens 0: must be a finite number in [1, 512]"),
 ]
+CASES.append(Case("train_sd", ["--t5-tokens", "77"], "--t5-tokens 77: SD1.5 has no T5 prompt tokens"))
 
 
 def test_every_sd1_5_bad_input_is_refused_on_the_sd3_path_too():

@@ -134,6 +134,25 @@ def test_prompt_encoding_equals_the_pipelines(tiny_dir, t5):
     assert sd3.encode(c, prompts[:1], cache).embeds.equal(cond.embeds[:1])  # from the cache, the same
 
 
+@pytest.mark.parametrize("t5, tokens", [(False, 0), (False, 7), (True, 7)])
+def test_t5_tokens_is_the_pipelines_max_sequence_length(tiny_dir, tmp_path, t5, tokens):
+    """`--t5-tokens N` (a model trained with N T5 tokens, or none, as the miniature SD3): the encoding equals
+    encode_prompt(max_sequence_length=N), and a saved folder hands N to the stock pipeline through prepare_pipeline."""
+    pipe = pipeline(tiny_dir, t5)
+    c = sd3.load_components(str(tiny_dir / "sd3"), t5=t5, t5_tokens=tokens)
+    cond = sd3.encode(c, ["a red fox"], {})
+    embeds, _, pooled, _ = pipe.encode_prompt("a red fox", None, None, do_classifier_free_guidance=False,
+                                              max_sequence_length=tokens)
+    assert cond.embeds.shape == (1, 77 + tokens, 32)
+    torch.testing.assert_close(cond.embeds, embeds)
+    torch.testing.assert_close(cond.pooled, pooled)
+    sd3.add_tuned_loras(c["transformer"], 1, rank=2, alpha=2.0)
+    sd3.save_lora(c["transformer"], tmp_path / "lora", GRID, t5=t5, t5_tokens=tokens)
+    assert sd3.prepare_pipeline(pipe, tmp_path / "lora")["max_sequence_length"] == tokens
+    with pytest.raises(ValueError, match="t5_tokens must be in"):
+        sd3.load_components(str(tiny_dir / "sd3"), t5=True, t5_tokens=0)
+
+
 def test_sampler_matches_the_stock_pipeline(tiny_dir):
     """Our base sampler (SD3's flow grid, CFG as one batched call, Euler steps on σ, VAE decode with shift) equals
     StableDiffusion3Pipeline on the same latents."""
