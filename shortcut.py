@@ -45,7 +45,8 @@ def set_active_adapters(model: torch.nn.Module, names: Sequence[str], layers: Se
         if not layer.disable_adapters and layer.active_adapters == names:
             continue
         flags = [p.requires_grad for p in layer.parameters()]
-        layer.enable_adapters(True)
+        if layer.disable_adapters:  # enable_adapters(True) is set_adapter(the old names) and the flag
+            layer.enable_adapters(True)
         layer.set_adapter(names)
         for p, flag in zip(layer.parameters(), flags):
             p.requires_grad_(flag)
