@@ -12,15 +12,20 @@ and numbers exist; once one is rebuilt, every later one is):
                 dropped to "" with probability p_uncond (CFG). Its CLIPTextModel (tiny.py's byte-level
                 tokenizer) starts from random init and is trained along, then frozen
     guidance    the smallest CFG scale w whose 50-step DDIM samples the classifier recognises at target_rate
-    shortcut    LoRA distilled from the base's 50-step DDIM + CFG trajectories, segment by segment: from a grid
-                point t with p_j < t < p_{j−1} (LoRA points p = 761, 501, 261, 1) one conditional call without
-                CFG, ddim_step(x_t, ε_φ(x_t, t, c), ᾱ_t, ᾱ_{p_j}), lands on the teacher's x_{p_j}
-    trajectory_error  of the jumps 741→501, 481→261, 241→1, against the base's one-step DDIM jump
+                (the sampler of samples.png)
+    shortcut    LoRA distilled from the base's 50-step DDIM + CFG trajectories at the teacher's scale w_T
+                (teacher_guidance: the scale bench_minisd.py trains and evaluates at, so that the shortcut imitates
+                the chain it replaces), segment by segment: from a grid point t with p_j < t < p_{j−1} (LoRA points
+                p = 761, 501, 261, 1) one conditional call without CFG, ddim_step(x_t, ε_φ(x_t, t, c), ᾱ_t,
+                ᾱ_{p_j}), lands on the teacher's x_{p_j}
+    trajectory_error  of the jumps 741→501, 481→261, 241→1 on fresh w_T trajectories, against the base's one-step
+                DDIM jump with and without CFG
 
 Output (runs/minisd/): pipeline/ (a StableDiffusionPipeline folder), shortcut/pytorch_lora_weights.safetensors,
 classifier.safetensors + .json, samples.png (one row per digit), report.json (every number), args.json.
 Notation: x_t scaled latents (B, 4, 4, 4); c text embeddings (B, 77, 32); w CFG scale; grid the 50-step
-"leading" DDIM grid 981, 961, …, 1 (shortft.ddim_timesteps); ᾱ_t = schedule.alpha_bar(t).
+"leading" DDIM grid 981, 961, …, 1 (shortft.ddim_timesteps); ᾱ_t = schedule.alpha_bar(t); w_T the teacher's CFG
+scale.
 
 Run: python minisd.py        (python minisd.py --preset test: a reduced build in runs/minisd-test/)
 """
@@ -91,6 +96,9 @@ class Args:
     """samples per digit and w (one row of samples.png)"""
     lora_points: list = field(default_factory=lambda: [761, 501, 261, 1])
     """ShortFT's LoRA timesteps p_j: the ends of the shortcut's segments"""
+    teacher_guidance: float = 2.0
+    """CFG scale w_T of the teacher trajectories the shortcut is distilled from and measured on: the scale the chains
+    it stands in for run at (bench_minisd.py trains and evaluates at it); 0: the scale the guidance stage chose"""
     shortcut_rank: int = 16
     """rank (= alpha) of the shortcut LoRA"""
     shortcut_targets: list = field(default_factory=lambda: list(SHORTCUT_TARGETS))
@@ -388,6 +396,29 @@ def jump_errors(unet, traj, cond, uncond, w, grid, schedule, points) -> dict:
     return out
 
 
+def shortcut_error(pipeline: str | Path, shortcut_file: str | Path, w: float, trajectories: int = 200, seed: int = 9,
+                   points=(761, 501, 261, 1)) -> dict:
+    """`jump_errors` of a shortcut LoRA file against `trajectories` fresh 50-step DDIM + CFG (scale w) trajectories of
+    the base in `pipeline` (x_T from torch.Generator seed `seed`, prompts the digits in turn), the UNet and the LoRA
+    loaded as train_sd.py loads them. The build's trajectory_error stage is this call (w_T, seed + 9)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    pipeline = Path(pipeline)
+    unet = UNet2DConditionModel.from_pretrained(pipeline / "unet").eval().requires_grad_(False)
+    shortcut.load_shortcut_lora(unet, shortcut_file)
+    shortcut.set_active_adapters(unet, [])
+    tokenizer, text_encoder = CLIPTokenizer.from_pretrained(pipeline / "tokenizer"), CLIPTextModel.from_pretrained(
+        pipeline / "text_encoder")
+    schedule = sd.schedule_from_diffusers(DDIMScheduler.from_pretrained(pipeline / "scheduler").config)
+    grid, labels, side = shortft.ddim_timesteps(50, spacing="leading"), torch.arange(trajectories) % 10, unet.config.sample_size
+    with torch.no_grad():
+        c_digits, c_empty = (embed(tokenizer, text_encoder, p) for p in ([prompt(d) for d in range(10)], [""]))
+    x_T = torch.randn(trajectories, 4, side, side, generator=torch.Generator().manual_seed(seed))
+    traj = ddim_trajectory(unet, x_T, c_digits[labels], c_empty, w, grid, schedule)
+    return jump_errors(unet, traj, c_digits[labels], c_empty, w, grid, schedule, points)
+
+
 def save_png(images: torch.Tensor, path: Path) -> None:
     """(rows, cols, 3, H, W) in [0, 1] → one PNG grid."""
     from PIL import Image
@@ -469,31 +500,30 @@ def main(args: Args) -> dict:
         save_png(images, out / "samples.png")
         done("guidance", numbers)
     w, side = report["guidance"]["chosen"], unet.config.sample_size
+    w_T = args.teacher_guidance or w
 
     def teacher(n: int, seed: int):
-        """n trajectories of the base's 50-step DDIM + CFG from x_T ~ N(0, I), the digits in turn: (states, c)."""
+        """n trajectories of the base's 50-step DDIM + CFG (w_T) from x_T ~ N(0, I), the digits in turn: (states, c)."""
         labels = torch.arange(n) % 10
         x_T = torch.randn(n, 4, side, side, generator=torch.Generator().manual_seed(seed))
-        return ddim_trajectory(unet, x_T, c_digits[labels], c_empty, w, grid, schedule), c_digits[labels]
+        return ddim_trajectory(unet, x_T, c_digits[labels], c_empty, w_T, grid, schedule), c_digits[labels]
 
     if todo("shortcut", sc_file):
         numbers = distil_shortcut(args, unet, *teacher(args.trajectories, args.seed + 8), grid, schedule)
         save_shortcut(unet, sc_file.parent)
-        done("shortcut", numbers)
+        done("shortcut", {**numbers, "teacher_guidance": w_T})
     if todo("trajectory_error"):  # a fresh UNet and the shortcut file, loaded as train_sd.py loads them
-        unet = UNet2DConditionModel.from_pretrained(pipe / "unet").eval().requires_grad_(False)
-        shortcut.load_shortcut_lora(unet, sc_file)
-        shortcut.set_active_adapters(unet, [])
-        traj, cond = teacher(args.eval_trajectories, args.seed + 9)
-        done("trajectory_error", dict(jumps=jump_errors(unet, traj, cond, c_empty, w, grid, schedule, args.lora_points),
-                                      trajectories=args.eval_trajectories, of_displacement="‖x̂_p − x_p‖ / ‖x_p − x_a‖",
+        errors = shortcut_error(pipe, sc_file, w_T, args.eval_trajectories, args.seed + 9, args.lora_points)
+        done("trajectory_error", dict(jumps=errors, guidance=w_T, trajectories=args.eval_trajectories,
+                                      of_displacement="‖x̂_p − x_p‖ / ‖x_p − x_a‖",
                                       of_norm="‖x̂_p − x_p‖ / ‖x_p‖"))
 
     report["build_seconds"] = round(sum(report[k]["seconds"] for k in clock), 1)
     report["last_call"] = dict(seconds=round(time.perf_counter() - start, 1), threads=args.threads)
     runio.write_json(report, out / "report.json")
     print(f"classifier held-out accuracy {report['classifier']['heldout_accuracy']:.3f}; 50-step samples recognised "
-          f"{report['guidance']['rate']:.3f} at w = {w}; jump error / teacher displacement, shortcut (base one-step): "
+          f"{report['guidance']['rate']:.3f} at w = {w}; shortcut distilled at w_T = {w_T}; jump error / teacher "
+          f"displacement at w_T, shortcut (base one-step with CFG): "
           + ", ".join(f"{k} {v['shortcut']['of_displacement']:.3f} ({v['base_cfg']['of_displacement']:.3f})"
                       for k, v in report["trajectory_error"]["jumps"].items()))
     print(f"{report['last_call']['seconds']:.0f} s this call, {args.threads} thread(s); everything in {out}")

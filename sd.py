@@ -393,10 +393,11 @@ def make_denoisers(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: flo
     layers = shortcut.lora_layers(unet) if layers is None else layers
     names = shortft.lora_names(shortft.num_loras(points, timestep_aware))
     both = torch.cat([uncond.expand(cond.shape[0], -1, -1), cond])
+    dtype = unet.dtype  # once: diffusers finds it by walking every module (on a small UNet, as long as a call)
 
     def eps(x, t, adapters, w):
         shortcut.set_active_adapters(unet, adapters, layers)
-        x_in = x.to(unet.dtype)
+        x_in = x.to(dtype)
         if w <= 1.0:
             return unet(x_in, t, encoder_hidden_states=cond).sample.to(x.dtype)
         e_u, e_c = unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=both).sample.to(x.dtype).chunk(2)

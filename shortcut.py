@@ -42,11 +42,16 @@ def set_active_adapters(model: torch.nn.Module, names: Sequence[str], layers: Se
     inactive ones frozen, which silently leaves the trainable LoRA without gradient when another adapter
     is switched in before `backward()`. Call it inside a gradient-checkpointed function, so that the
     recomputation in backward runs with the same adapters as the forward pass.
-    Pass `layers=lora_layers(model)` once to skip the module walk on every call."""
+    Pass `layers=lora_layers(model)` once to skip the module walk on every call. A layer whose active adapters are
+    already `names` is left as it is: peft's switch walks every parameter of the layer twice, which on a small UNet
+    costs more than the UNet call itself, and most consecutive steps of a chain use the same adapters."""
     names = list(names)
     for layer in lora_layers(model) if layers is None else layers:
+        if not layer.disable_adapters and layer.active_adapters == names:
+            continue
         flags = [p.requires_grad for p in layer.parameters()]
-        layer.enable_adapters(True)
+        if layer.disable_adapters:  # enable_adapters(True) is set_adapter(the old names) and the flag
+            layer.enable_adapters(True)
         layer.set_adapter(names)
         for p, flag in zip(layer.parameters(), flags):
             p.requires_grad_(flag)

@@ -107,6 +107,27 @@ def test_set_active_adapters_keeps_requires_grad_and_matches_closed_form():
     assert all(p.grad is None for n, p in model.named_parameters() if "base_layer" in n)
 
 
+def test_a_switch_skips_only_layers_already_in_that_state():
+    """set_active_adapters leaves a layer alone only when its own state already is `names` (no memo that another
+    call can outdate): after peft disables the adapters, or switches one layer elsewhere, the same call repairs it,
+    and repeating a call changes nothing."""
+    model = lora_model()
+    layers = shortcut.lora_layers(model)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    before = flags(model)
+    shortcut.set_active_adapters(model, TUNED)
+    shortcut.set_active_adapters(model, TUNED)  # nothing to do
+    torch.testing.assert_close(model(x), closed_form(model, x, TUNED), rtol=1e-12, atol=1e-12)
+    assert flags(model) == before
+    layers[0].enable_adapters(False)  # peft's own switches behind our back: the layer runs as the base
+    layers[1].set_adapter("shortcut")
+    peft_flags = flags(model)  # (peft changed requires_grad too: the trap)
+    shortcut.set_active_adapters(model, TUNED)
+    assert all(not layer.disable_adapters and layer.active_adapters == TUNED for layer in layers)
+    assert flags(model) == peft_flags
+    torch.testing.assert_close(model(x), closed_form(model, x, TUNED), rtol=1e-12, atol=1e-12)
+
+
 def _chain(model, x):
     """Three evaluations with different adapters, as in a ShortFT chain: step with LoRA_1, shortcut jump, step with
     the stacked LoRA_1 + LoRA_2."""

@@ -5,6 +5,7 @@ than the base's one-step jump; the digit reward is the classifier's log-softmax,
 images; a LoRA that train_sd.py trains on the digit reward loads in a stock StableDiffusionPipeline and raises
 the reward of its samples; a second build reuses every stage; bad input gives one line."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -78,7 +79,9 @@ def test_minisd_sampler_is_diffusers_pipeline(build):
 
 def test_shortcut_loads_and_jumps_closer_than_the_base(build):
     """The LoRA file, loaded as train_sd.py loads a shortcut, lands closer to the teacher's x_p than the base's
-    one-step DDIM + CFG jump on fresh trajectories (summed over the three jumps), and it is frozen."""
+    one-step DDIM + CFG jump on fresh trajectories at the teacher's CFG scale w_T (the benchmark's, not the
+    guidance stage's), summed over the three jumps, and it is frozen; minisd.shortcut_error is the build's
+    trajectory-error stage."""
     args, report = build
     c = sd.load_components(str(Path(args.out) / "pipeline"))
     file = Path(args.out) / "shortcut" / "pytorch_lora_weights.safetensors"
@@ -88,7 +91,8 @@ def test_shortcut_loads_and_jumps_closer_than_the_base(build):
     for k, v in load_file(str(file)).items():  # every tensor of the file is in the UNet, none dropped
         assert torch.equal(loaded[k.removeprefix("unet.").replace(".weight", ".shortcut.weight")], v), k
     shortcut.set_active_adapters(c["unet"], [])
-    w, grid = report["guidance"]["chosen"], shortft.ddim_timesteps(50)
+    w, grid = report["shortcut"]["teacher_guidance"], shortft.ddim_timesteps(50)
+    assert w == args.teacher_guidance != report["guidance"]["chosen"] and report["trajectory_error"]["guidance"] == w
     schedule = sd.schedule_from_diffusers(c["scheduler"].config)
     labels = torch.arange(20) % 10
     cond, uncond = conditioning(c, [minisd.prompt(int(d)) for d in labels]), conditioning(c, [""])
@@ -97,6 +101,9 @@ def test_shortcut_loads_and_jumps_closer_than_the_base(build):
     assert list(errors) == ["741->501", "481->261", "241->1"]
     total = {k: sum(e[k]["of_displacement"] for e in errors.values()) for k in ("shortcut", "base_cfg")}
     assert total["shortcut"] < total["base_cfg"], errors
+    again = minisd.shortcut_error(Path(args.out) / "pipeline", file, w, args.eval_trajectories, args.seed + 9,
+                                  args.lora_points)
+    assert again == report["trajectory_error"]["jumps"]
 
 
 def test_shortcut_loads_in_a_stock_pipeline(build):
@@ -222,3 +229,41 @@ def test_budget_stops_at_the_budget_and_walks_the_stages(tmp_path, unit, amount)
         for r, b in zip((r for r in rows if "loss" in r), [0.0] + spent):
             per.setdefault(r["stage"], set()).add(round(r["budget/spent"] - b, 9))
         assert all(len(v) == 1 for v in per.values()) and len(per) == len(set(stages))
+
+
+@pytest.mark.slow
+def test_bench_minisd_spends_equal_gflop_and_reuses_finished_runs(build, tmp_path):
+    """bench_minisd.py on the reduced build at a small GFLOP budget (ShortFT, four times its costliest update): the
+    plan's per-stage costs (its run has seed 0) are exactly what the bench's run (seed 1) spends per update, since
+    FLOPs depend on the chain alone; the run stops at the first update that reaches the budget, after all four
+    stages; it is evaluated at --eval-every and at the end; the table and the before/after sheet are written; a
+    second call reuses the plan and the finished run and gives the same summary."""
+    import bench_minisd
+
+    args, _ = build
+    bench = bench_minisd.Args(minisd=args.out, out=str(tmp_path / "bench"), variants=["shortft"], seeds=[1],
+                              eval_samples=3, evals=2)
+    cost = bench_minisd.plan(bench)["shortft"]["per_update"]
+    assert sorted(cost) == [1, 2, 3, 4] and cost[1] < cost[4]  # stage 4 runs the most no-grad steps
+    bench = dataclasses.replace(bench, budget=4 * max(cost.values()))  # each stage's share buys at least one update
+    summary = bench_minisd.main(bench)
+    out = Path(bench.out)
+    rows = [json.loads(line) for line in (out / "runs" / "shortft-s1" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    spent = [r["budget/spent"] for r in train]
+    assert spent[-1] >= bench.budget > spent[-2]
+    assert [r["stage"] for r in train] == sorted(r["stage"] for r in train) and {r["stage"] for r in train} == {1, 2, 3, 4}
+    steps = [b - a for a, b in zip([0.0] + spent, spent)]
+    assert all(d == pytest.approx(cost[r["stage"]], rel=1e-9) for d, r in zip(steps, train))
+    evals = [r["update"] for r in rows if "eval/reward_mean" in r]
+    assert len(evals) >= 2 and evals[-1] == len(train)
+    s = summary["variants"]["shortft"]
+    assert s["seeds"] == 1 and s["updates"] == len(train) and s["spent"] == spent[-1]
+    assert "| shortft |" in (out / "table.md").read_text()
+    from PIL import Image
+
+    with Image.open(out / "before_after.png") as im:
+        assert im.size == (3 * 32, 2 * 32)  # the base row and ShortFT's row, 3 samples
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/bench.json")}
+    assert len(stamps) == 2 and bench_minisd.main(bench) == summary
+    assert {p: p.stat().st_mtime_ns for p in out.glob("**/bench.json")} == stamps
