@@ -44,11 +44,14 @@ The miniature SD3 (`--minisd runs/minisd3`: train_sd.py on minisd3.py's StableDi
 built, 28-step Euler + CFG at the build's w = 1.5, the scale its shortcut is distilled at), fixed likewise before its
 results were seen, at a budget sized to about half an hour of CPU on the same machine:
 
-    python bench_minisd.py --minisd runs/minisd3 --batch-size 2 --budget 200 --evals 1 --eval-samples 500
+    python bench_minisd.py --minisd runs/minisd3 --batch-size 2 --budget 150 --evals 1 --eval-samples 500
 
-    200 GFLOP of updates per run at batch 2 (ShortFT 2.9–3.6 GFLOP and 0.7–0.8 CPU-s per update: about 15 updates
-    per stage, DRaFT-LV 50 updates), 3 seeds, the same five variants, 500 held-out samples (each digit 50 times)
-    scored once, at the end of each run (the plan: one pass of 500 samples costs about PASS CPU-s)
+    150 GFLOP of updates per run at batch 2 (ShortFT 2.9–3.6 GFLOP and 0.7–0.8 CPU-s per update: about 11 updates
+    per stage; DRaFT-LV 4.0 GFLOP: 38 updates), 3 seeds, the same five variants, 500 held-out samples (the first
+    half of prompts/digits_eval_1000.txt: each digit 50 times) scored once, at the end of each run: on this machine
+    one pass of 1000 samples of the 28-step sampler costs about 50 CPU-s, against 0.7 CPU-s per update. This is a
+    short budget (the SD1.5 bench's earlier 25-CPU-second regime, not the long run), chosen to finish within the
+    hour left on 2 cores shared with other jobs
 
 Steps: plan (one short train_sd.py run per variant: the GFLOP of each kind of update, per progressive stage, and the
 updates the budget buys; FLOPs are deterministic, so this needs no reward and no long run), runs (each reused when
