@@ -49,7 +49,7 @@ results were seen, at a budget sized to about half an hour of CPU on the same ma
     150 GFLOP of updates per run at batch 2 (ShortFT 2.9–3.6 GFLOP and 0.7–0.8 CPU-s per update: about 11 updates
     per stage; DRaFT-LV 4.0 GFLOP: 38 updates), 3 seeds, the same five variants, 500 held-out samples (the first
     half of prompts/digits_eval_1000.txt: each digit 50 times) scored once, at the end of each run: on this machine
-    one pass of 1000 samples of the 28-step sampler costs about 50 CPU-s, against 0.7 CPU-s per update. This is a
+    one pass of 1000 samples of the 28-step sampler costs 61 CPU-s, against 0.7 CPU-s per update. This is a
     short budget (the SD1.5 bench's earlier 25-CPU-second regime, not the long run), chosen to finish within the
     hour left on 2 cores shared with other jobs
 
@@ -253,8 +253,9 @@ def train(cmd: list[str], run_dir: Path) -> tuple[list[dict], float, float]:
 def plan(args: Args) -> dict:
     """Per variant: the compute of one update in each progressive stage (one short run, two updates per stage; 8
     updates for the random chains), the updates the budget buys (each stage gets an equal share of it), the
-    --eval-every that gives about `evals` evaluations, and this machine's CPU-seconds per update (each stage's last
-    update: its first also counts its FLOPs by a dry run) and per held-out evaluation, hence an estimate of the
+    --eval-every that gives about `evals` evaluations, and this machine's CPU-seconds per update (each stage's
+    cheapest update, without a dry run: a new kind of update also counts its FLOPs by one, and DRTune's offset gives
+    up to n/K kinds) and per held-out evaluation, hence an estimate of the
     bench's CPU-seconds. GFLOP are deterministic, CPU-seconds are this machine's at this moment; no reward is read."""
     out, folder = {}, out_dir(args) / "plan"
     for v in args.variants:
@@ -267,7 +268,7 @@ def plan(args: Args) -> dict:
             cpu_per.setdefault(r["stage"], []).append(r["time/cpu_s"] - cpu_before)
             before, cpu_before = r["budget/spent"], r["time/cpu_s"]
         cost = {s: statistics.fmean(c) for s, c in per.items()}
-        cpu_update = {s: (c[-1] if v not in RANDOM_CHAINS else statistics.fmean(c)) for s, c in cpu_per.items()}
+        cpu_update = {s: (min(c) if v not in RANDOM_CHAINS else statistics.fmean(c)) for s, c in cpu_per.items()}
         updates = {s: math.ceil(args.budget / len(cost) / c) for s, c in cost.items()}
         total = sum(updates.values())
         out[v] = {"per_update": cost, "cpu_s_per_update": cpu_update, "updates": updates, "total_updates": total,
