@@ -481,7 +481,7 @@ def main(args: Args) -> dict:
                                          f" CPU-s) → {p['updates'][s]} updates" for s, c in p["per_update"].items())
               + f"; ≈ {steps['cost']['run_cpu_s'][v]:.0f} CPU-s per run", flush=True)
     print(f"  one held-out pass of {args.eval_samples} samples ≈ {steps['cost']['eval_pass_cpu_s']:.0f} CPU-s, "
-          f"{args.evals + 1} per run; the bench ≈ {steps['cost']['bench_cpu_s'] / 3600:.2f} CPU-hours", flush=True)
+          f"{args.evals} per run (the base: once); the bench ≈ {steps['cost']['bench_cpu_s'] / 3600:.2f} CPU-hours", flush=True)
     if args.plan_only:
         return steps
     jobs = [(v, s) for s in args.seeds for v in args.variants]
