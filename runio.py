@@ -856,15 +856,20 @@ def read_json_cache(path: str | Path, what: str = "it is rebuilt") -> Any:
         return None
 
 
-def load_cached_tensors(path: str | Path, use: Callable[[dict[str, torch.Tensor]], Any]) -> bool:
+def load_cached_tensors(path: str | Path, use: Callable[[dict[str, torch.Tensor]], Any],
+                        dtype: torch.dtype | None = torch.float32) -> bool:
     """Load a cache file of tensors and hand them to `use` (e.g. a model's load_state_dict): True when it did. False
-    when the file is missing, or damaged — unreadable, NaN/inf, another checksum, keys or shapes `use` refuses —, in
-    which case it is removed with one line saying so, and the caller rebuilds it."""
+    when the file is missing, or damaged — unreadable, NaN/inf, another checksum, a tensor not of `dtype`, keys or
+    shapes `use` refuses —, in which case it is removed with one line saying so, and the caller rebuilds it."""
     path = Path(path)
     if not path.is_file():
         return False
     try:
-        use(load_tensors(path))
+        tensors = load_tensors(path)
+        wrong = [k for k, t in tensors.items() if dtype is not None and t.dtype != dtype]
+        if wrong:
+            raise CheckpointError(f"tensor {wrong[0]!r} is {tensors[wrong[0]].dtype}, not {dtype}")
+        use(tensors)
         return True
     except (CheckpointError, RuntimeError, ValueError, KeyError, TypeError, OSError) as e:
         print(f"cache file {path} is damaged ({_one_line(e)[:160]}): rebuilding it", file=sys.stderr)
@@ -1003,3 +1008,8 @@ def metrics_record(line: bytes | str) -> dict | None:
     if not isinstance(row, dict) or ("update" in row and not _is_int(row["update"])):
         return None
     return row
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (e.g. to see later whether a finished run's metrics.jsonl changed)."""
+    return _sha256(Path(path))
