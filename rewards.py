@@ -887,7 +887,7 @@ def load_digit_classifier(weights: str, config: str) -> "DigitClassifier":
         raise ValueError(f"digit classifier config {config!r} is damaged ({_first_line(e)}): run `python minisd.py` "
                          "again") from None
     try:
-        state = load_weights_file(weights)
+        state = runio.load_tensors(weights) if str(weights).endswith(".safetensors") else load_weights_file(weights)
         runio.check_weights_finite(state, f"digit classifier {weights!r}")
         model.load_state_dict(state)
     except (RuntimeError, runio.CheckpointError) as e:

@@ -973,6 +973,7 @@ def check_checkpoint(ckpt: Path, state: Any, tensors: Mapping[str, Mapping[str, 
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         what = f"missing {e}" if isinstance(e, KeyError) else _one_line(e)
         raise CheckpointError(f"{ckpt}: {what}") from None
+    check_weights_finite(tensors["weights"], str(ckpt))  # trained weights of an absurd size: a damaged file
     if expect is not None:
         check_weights(tensors["weights"], expect, str(ckpt))
         wrong = [k for k, v in expect.items() if isinstance(v, torch.Tensor) and tensors["weights"][k].dtype != v.dtype]

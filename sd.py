@@ -543,7 +543,8 @@ def read_lora_layout(lora_dir: str | Path, model=None) -> dict:
 
 def check_lora_layout(layout, where: str = "LoRA folder") -> None:
     """ValueError (one line) unless `layout` is a shortft.json as `write_layout` writes it: `grid` a non-empty strictly
-    decreasing list of timesteps in [0, 1000]; `lora_points` null or a non-empty strictly decreasing list of grid
+    decreasing list of timesteps in [0, 1000] (with `timestep_spacing` "leading": the DDIM grid of its length);
+    `lora_points` null or a non-empty strictly decreasing list of grid
     timesteps ending at its last step; `timestep_aware` true or false; `adapters` tuned_1 … tuned_k, k =
     shortft.num_loras(points, timestep_aware); `files` <adapter>.safetensors; `guidance_scale` a finite number ≥ 0;
     the optional `t5` a bool and `t5_tokens` an integer in [0, 512]."""
@@ -561,6 +562,9 @@ def check_lora_layout(layout, where: str = "LoRA folder") -> None:
     if not (isinstance(grid, list) and grid and all(number(t) and 0 <= t <= 1000 for t in grid)
             and all(a > b for a, b in zip(grid, grid[1:]))):
         fail("'grid' is not a non-empty strictly decreasing list of timesteps in [0, 1000]")
+    if layout.get("timestep_spacing") == "leading" and (grid[-1] != int(grid[-1]) or len(grid) > 1000 or grid !=
+                                                        shortft.ddim_timesteps(len(grid), 1000, "leading", int(grid[-1]))):
+        fail(f"'grid' ({len(grid)} steps, {grid[0]:g} … {grid[-1]:g}) is not a DDIM grid with leading spacing")
     if not isinstance(aware, bool):
         fail(f"'timestep_aware' is {aware!r}, not true or false")
     if points is not None:
