@@ -198,8 +198,7 @@ def train_classifier(args: Args, train, heldout, out: Path) -> dict:
     adam_steps(model.parameters(), args.classifier_steps, 3e-3, loss, "classifier")
     with torch.no_grad():
         accuracy = (model.eval()(x_te).argmax(-1) == y_te).float().mean().item()
-    runio.save_tensors(model.state_dict(), out / "classifier.safetensors")
-    runio.write_json(model.config, out / "classifier.json")
+    rewards.save_digit_classifier(model, out / "classifier.safetensors")
     return dict(heldout_accuracy=accuracy, heldout=len(y_te))
 
 

@@ -865,10 +865,23 @@ def digit_in_prompt(prompt: str) -> int:
     return found.pop()
 
 
+def save_digit_classifier(model: "DigitClassifier", weights) -> None:
+    """Write the classifier as `load_digit_classifier` reads it: weights (runio.save_tensors, with a checksum and the
+    config in its metadata) and the config as the .json of the same name."""
+    import json
+    import os
+
+    import runio
+
+    runio.save_tensors(model.state_dict(), weights, {"config": json.dumps(model.config, sort_keys=True)})
+    runio.write_json(model.config, os.path.splitext(str(weights))[0] + ".json")
+
+
 def load_digit_classifier(weights: str, config: str) -> "DigitClassifier":
     """The classifier of the `digit` reward from its weights (.safetensors) and config (.json), checked before use: the
     config a JSON object of DigitClassifier's arguments, the weights its keys and shapes, finite and of trained size
-    (runio.check_weights_finite: a NaN classifier makes every reward NaN). ValueError (one line) naming the file."""
+    (runio.check_weights_finite: a NaN classifier makes every reward NaN), and the config the one saved in the
+    weights' metadata (`save_digit_classifier`). ValueError (one line) naming the file."""
     import json
 
     import runio
@@ -887,13 +900,20 @@ def load_digit_classifier(weights: str, config: str) -> "DigitClassifier":
         raise ValueError(f"digit classifier config {config!r} is damaged ({_first_line(e)}): run `python minisd.py` "
                          "again") from None
     try:
+        if str(weights).endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(weights), "pt") as f:
+                saved = (f.metadata() or {}).get("config")
+            if saved is not None and json.loads(saved) != cfg:
+                raise runio.CheckpointError(f"its config {config!r} is not the one its weights were saved with")
         state = runio.load_tensors(weights) if str(weights).endswith(".safetensors") else load_weights_file(weights)
         runio.check_weights_finite(state, f"digit classifier {weights!r}")
         model.load_state_dict(state)
-    except (RuntimeError, runio.CheckpointError) as e:
+    except (RuntimeError, ValueError) as e:  # runio.CheckpointError is a ValueError
         raise ValueError(f"digit classifier {weights!r} is damaged ({_first_line(e)[:200]}): run `python minisd.py` "
                          "again") from None
-    except ValueError:
+    except OSError:
         raise
     except Exception as e:  # safetensors' own error type
         raise ValueError(f"digit classifier {weights!r} is not a readable weights file ({type(e).__name__}): run "

@@ -721,6 +721,9 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.
                             f"{[len(g['params']) for g in optimizer.param_groups]}: start a new run (another --name)")
     for name, t in tensors.items():
         p = params[int(name.split(".", 1)[0])]
+        if t.dim() > 0 and t.dtype != p.dtype:
+            raise CheckpointError(f"{ckpt}: optimizer state {name} is {t.dtype}, its parameter {p.dtype} (a damaged "
+                                  "file)")
         if t.dim() > 0 and t.shape != p.shape:
             raise MismatchError(f"{ckpt}: optimizer state {name} has shape {tuple(t.shape)}, its parameter "
                                 f"{tuple(p.shape)}: start a new run (another --name)")
@@ -936,10 +939,17 @@ def _check_optimizer_meta(optimizer: torch.optim.Optimizer | None, tensors: Mapp
     indices = [i for g in groups for i in g["params"]]
     if indices != list(range(len(indices))):
         raise ValueError("its optimizer param groups do not number the parameters 0, 1, …")
+    keys: dict[str, set] = {}
     for name in list(tensors) + list(meta["scalars"]):
         idx, dot, key = name.partition(".")
-        if not (dot and key and idx.isdigit() and int(idx) in indices):
+        if not (dot and key and idx.isdigit() and int(idx) < len(indices)):
             raise ValueError(f"optimizer entry {name!r} names no parameter of its param groups")
+        keys.setdefault(idx, set()).add(key)
+    if len({frozenset(k) for k in keys.values()}) > 1:
+        raise ValueError("its optimizer state holds other entries for some parameters than for others")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"optimizer tensor {name!r} is {t.dtype}, not floating point")
     if optimizer is not None:
         now = optimizer.param_groups
         for g in groups:
@@ -960,6 +970,9 @@ def check_checkpoint(ckpt: Path, state: Any, tensors: Mapping[str, Mapping[str, 
     try:
         if not isinstance(state, dict):
             raise ValueError("state.json is not a JSON object")
+        unlisted = [f"{n}.safetensors" for n in tensors if f"{n}.safetensors" not in state.get("files", {})]
+        if unlisted:
+            raise ValueError(f"its manifest does not list {unlisted[0]}")
         if STATE_DIGEST in state and state[STATE_DIGEST] != state_digest(state):
             raise ValueError("state.json was changed after it was written (its checksum does not match)")
         m = _STEP.search(ckpt.name)  # step_N, .step_N.tmp, .step_N.old

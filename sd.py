@@ -526,6 +526,10 @@ def read_lora_layout(lora_dir: str | Path, model=None) -> dict:
                                 f"timestep; pass a folder written by train_sd.py (runs/<name>/lora)")
     manifest = next((m for m in ("MANIFEST.json", "state.json") if (lora_dir / m).is_file()), None)
     problem = manifest and runio.folder_problem(lora_dir, manifest)
+    if manifest and not problem:
+        listed = json.loads((lora_dir / manifest).read_text())["files"]
+        problem = next((f"{manifest} does not list {f}" for f in sorted(p.name for p in lora_dir.iterdir())
+                        if f.endswith((".json", ".safetensors")) and f != manifest and f not in listed), None)
     if problem:
         raise ValueError(f"{where} is damaged or was changed after it was written ({problem}): write it again "
                          f"(train_sd.py --resume), or delete {manifest} if you edited it on purpose")
