@@ -270,7 +270,11 @@ def apply_run_damage(run: Path, damage) -> None:
         elif file.endswith(".safetensors"):
             damage_tensors(path, op, where, value)
         else:
-            obj = json.loads(path.read_text())
+            try:
+                obj = json.loads(path.read_text())
+            except (ValueError, OSError):  # already damaged by an earlier byte operation: damage its bytes again
+                path.write_bytes(damage_bytes(path.read_bytes(), "flip", where, value | 1))
+                continue
             if file == "state.json" and sign:  # without its checksum, only the structural checks can see it
                 obj.pop(runio.STATE_DIGEST, None)
                 op = op if op in ("delete", "retype") else "retype"
@@ -558,3 +562,43 @@ def test_nan_classifier_is_refused(classifier):
     with pytest.raises(ValueError, match="NaN/inf") as e:
         rewards.digit(digit_classifier=str(folder / "classifier.safetensors"))
     assert one_line_error(str(e.value))
+
+
+# ----------------------------------------------------------------------------- records kept between calls
+
+
+def test_benchmark_reuses_a_finished_run_only_while_its_records_are_whole(tmp_path, capsys):
+    """bench_minisd.train reuses a finished run while bench.json and the metrics it recorded the checksum of are
+    intact; a damaged bench.json or an edited metrics.jsonl makes the run again, with one line saying so."""
+    import sys
+
+    import bench_minisd
+
+    run = tmp_path / "run"
+    log = tmp_path / "calls.txt"
+    cmd = [sys.executable, "-c", f"import pathlib; pathlib.Path({str(run)!r}).mkdir(exist_ok=True); "
+           f"(pathlib.Path({str(run)!r}) / 'metrics.jsonl').write_text('{{\"update\": 1, \"loss\": 0.5}}\\n'); "
+           f"open({str(log)!r}, 'a').write('x')"]
+    rows, _ = bench_minisd.train(cmd, run)
+    assert rows == [{"update": 1, "loss": 0.5}] and bench_minisd.train(cmd, run)[0] == rows and log.read_text() == "x"
+    for damage in (lambda: (run / "bench.json").write_text('{"command": [1, '),
+                   lambda: (run / "metrics.jsonl").write_text('{"update": 1, "loss": 9.5}\n')):
+        damage()
+        capsys.readouterr()
+        assert bench_minisd.train(cmd, run)[0] == rows
+        assert sum("made again" in line for line in capsys.readouterr().err.splitlines()) == 1
+    assert log.read_text() == "xxx"
+
+
+def test_train_sd_state_check():
+    """train_sd.check_state: the counters of runio.check_run_state and a stage in 1 … k; anything else is refused."""
+    import train_sd
+
+    good = {"step": 4, "skipped": 1, "stage": 4, "spent": {"updates": 4, "gflop": 1.0, "cpu_seconds": 2.0, "seconds": 3}}
+    train_sd.check_state(good, k=4)
+    for change in ({"stage": 5}, {"stage": "4"}, {"skipped": 5}, {"skipped": True}, {"spent": {"updates": 4}},
+                   {"spent": dict(good["spent"], updates=3)}, {"spent": dict(good["spent"], gflop=math.inf)}):
+        with pytest.raises((ValueError, KeyError)):
+            train_sd.check_state({**good, **change}, k=4)
+    with pytest.raises(KeyError):
+        train_sd.check_state({k: v for k, v in good.items() if k != "stage"}, k=4)
