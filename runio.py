@@ -187,6 +187,8 @@ def parse_args(cls, argv: list[str] | None = None, check: Callable[[Any], None] 
             check(args)
         except ValueError as e:
             parser.error(str(e))
+        except OSError as e:  # a path the system refuses to look at (e.g. a name over 255 bytes)
+            parser.error(f"{_one_line(e)}: check the paths given")
     return args
 
 
@@ -194,6 +196,7 @@ def cli(main: Callable[[Any], Any], cls, check: Callable[[Any], None] | None = N
         argv: list[str] | None = None):
     """A script's entry point: `parse_args(cls, argv, check)`, then `main(args)`; a `RunError` raised
     anywhere in `main` ends the script with one line on stderr and exit status 2."""
+    import errno
     import signal
 
     script = Path(sys.argv[0]).name if main.__module__ == "__main__" else main.__module__ + ".py"
@@ -213,6 +216,9 @@ def cli(main: Callable[[Any], Any], cls, check: Callable[[Any], None] | None = N
         print(f"{prog}: interrupted by SIGINT", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     except OSError as e:
+        if getattr(e, "errno", None) == errno.ENAMETOOLONG:
+            print(f"{prog}: error: {_one_line(e)}: choose shorter names", file=sys.stderr)
+            raise SystemExit(2) from None
         if not disk_full(e):
             raise
         print(f"{prog}: error: no space left on the device ({_one_line(e)}): free some space; the last complete "
