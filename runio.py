@@ -202,7 +202,7 @@ def cli(main: Callable[[Any], Any], cls, check: Callable[[Any], None] | None = N
     script = Path(sys.argv[0]).name if main.__module__ == "__main__" else main.__module__ + ".py"
     _STOP["command"] = (script, list(sys.argv[1:] if argv is None else argv))
     args = parse_args(cls, argv, check)
-    prog = Path(sys.argv[0]).name
+    prog = script
     try:
         return main(args)
     except Interrupted as e:  # SIGINT / SIGTERM: one line (the resume command), exit 130 / 143
