@@ -423,8 +423,6 @@ def train(args: Args, world, run_dir: Path) -> dict:
             x_probe.to(device), world.make_denoisers(forward_net, world.encode(c, probe, cache), uncond, args.guidance,
                                                      points, aware, sc_guidance, layers),
             schedule, lambda images: reward(images, probe).float(), lambda z: world.decode(vae, z, False))
-    if args.budget == 0 and (gaps := chain_args.stage_gaps(args, k, args.steps)) and main_proc:
-        print(gaps, file=sys.stderr)
 
     skipped, spent = 0, budget.Spent()  # spent: what the updates have used so far (--steps, --budget)
     if args.resume:  # the newest checkpoint that loads, with exactly this run's LoRA keys and shapes
@@ -451,6 +449,8 @@ def train(args: Args, world, run_dir: Path) -> dict:
     stages = range(1, k + 1)
     costs = {s: shortft.chain_cost(shortft.make_chain(args.method, grid, random.Random(0),
                                                       **chain_args.chain_switches(args, points, s))) for s in stages}
+    if args.budget == 0 and (gaps := chain_args.stage_gaps(args, k, args.steps)) and main_proc:
+        print(gaps, file=sys.stderr)
     print_main = print if main_proc else (lambda *a, **k: None)  # the header once, from the main process
     print_main(f"run {run_dir}  method {args.method}  reward {args.reward}  model {args.model} ({world.PIPELINE}"
           f"{', T5 ' + ('on' if args.t5 else 'off') if world is sd3 else ''})\n"

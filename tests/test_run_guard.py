@@ -339,3 +339,26 @@ def test_ctrl_c_outside_a_training_loop_is_one_line(capfd):
 
     err = one_line(capfd, 130, runio.cli, main, train_toy.Args, None, [])
     assert err.endswith("interrupted by SIGINT\n")
+
+
+# ----------------------------------------------------------------------------- library functions copied elsewhere
+
+
+def test_library_functions_refuse_malformed_inputs():
+    """What a reader copies into other code says what to pass instead of computing something wrong: LoRA points that
+    are empty or not strictly decreasing (active_loras would pick the wrong branches), sampler prompts, seeds and
+    batch sizes (a batch of 0 would loop forever, a negative one return nothing)."""
+    import sd
+
+    assert shortft.active_loras(501, (761, 501, 261, 1)) == (0, 1)
+    for points in ((), (261, 501, 761, 1), (761, 761, 1)):
+        with pytest.raises(ValueError, match="must be non-empty and strictly decreasing"):
+            shortft.active_loras(501, points)
+    sd.check_sampler_inputs(["a", "b"], [0, 1], 1)
+    with pytest.raises(TypeError, match="prompts must be a list of strings"):
+        sd.check_sampler_inputs("a cat", [0], 1)
+    with pytest.raises(ValueError, match="one seed per prompt, got 2 prompts and 1 seeds"):
+        sd.check_sampler_inputs(["a", "b"], [0], 1)
+    for batch in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="batch must be a positive integer"):
+            sd.check_sampler_inputs(["a"], [0], batch)
