@@ -1,4 +1,4 @@
-"""Measurements of the paper's claims on the toy world: shortcut accuracy, gradient fidelity, gradient norm.
+"""Measurements of the paper's claims on the toy world: shortcut accuracy, gradient fidelity and bias, gradient norm.
 
 Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning", ICCV 2025,
 https://arxiv.org/abs/2507.22604 — Sec. 3: the shortcut-based chain stands in for the original 50-step chain, so
@@ -8,6 +8,8 @@ branch should point where the exact gradient of the *same* parametrisation throu
     exact chain   the ordinary 50-step sampler with gradient at every step: LoRA_1 on 981 … 761, the base between the
                   LoRA points, the stacked LoRA_1 + … + LoRA_i at p_i (shortft.sampling_chain, every step grad=True)
     cos_j         cos(∇_{tuned_j} L of ShortFT's chain, ∇_{tuned_j} L of the exact chain), same x_T and classes
+    bias          for any method: cos(E_d g_d, g*) of its draws d against the exact gradient g* of its own
+                  parametrisation (one LoRA at every step for the baselines), next to one draw's cos(g_d, g*)
 
 Notation (code -> paper): points p_1 > … > p_k; stage i; R the ring radius; M shortcut jumps.
 
