@@ -409,7 +409,14 @@ def before_after(args: Args, out: Path, columns: int = 20) -> None:
 
 
 def main(args: Args) -> dict:
+    """The benchmark (module docstring), its output folder locked while it runs (one writer)."""
     check_args(args)
+    with runio.run_lock(Path(args.out) / ".lock", "benchmark folder"):
+        return run(args)
+
+
+def run(args: Args) -> dict:
+    """`main` with checked arguments, in its locked output folder."""
     out = Path(args.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     w = guidance(args)

@@ -430,6 +430,36 @@ def save_png(images: torch.Tensor, path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def check_args(args: Args) -> None:
+    """One line (`--flag VALUE: what to do`, a ValueError) per argument that cannot build, before anything runs."""
+    apply_preset(args)  # an unknown --preset
+    if args.out:
+        runio.check_writable_dir("--out", args.out)
+    runio.require_range("seed", args.seed, 0, 2**32 - 1)
+    runio.require_range("threads", args.threads, 1, os.cpu_count() or 1, what="at most this machine's CPU cores")
+    for flag, high in (("classifier_steps", 10**6), ("vae_steps", 10**6), ("augment_copies", 64), ("unet_steps", 10**6),
+                       ("unet_batch", 4096), ("samples_per_digit", 1000), ("shortcut_rank", 1024),
+                       ("trajectories", 10**5), ("shortcut_steps", 10**6), ("shortcut_batch", 4096),
+                       ("eval_trajectories", 10**5)):
+        runio.require_range(flag, getattr(args, flag), 1, high)
+    for flag in ("vae_kl", "p_uncond", "target_rate"):
+        runio.require_range(flag, getattr(args, flag), 0, 1)
+    runio.require_range("teacher_guidance", args.teacher_guidance, 0, 100, what="0: the scale the guidance stage chose")
+    runio.require(len(args.vae_channels) == 4 and all(isinstance(c, int) and 8 <= c <= 1024 and c % 8 == 0
+                                                      for c in args.vae_channels), "vae_channels", args.vae_channels,
+                  "give 4 block widths (32 px → 4 latents), each a multiple of 8 in [8, 1024]")
+    runio.require(1 <= len(args.unet_channels) <= 3 and all(isinstance(c, int) and 16 <= c <= 1024 and c % 16 == 0
+                                                            for c in args.unet_channels), "unet_channels",
+                  args.unet_channels, "give 1 to 3 block widths (4×4 latents), each a multiple of 16 in [16, 1024]")
+    runio.require(bool(args.guidance), "guidance", args.guidance, "give at least one CFG scale")
+    for w in args.guidance:
+        runio.require_range("guidance", w, 0, 100)
+    runio.check_arg("lora_points", args.lora_points, shortft.check_lora_points, args.lora_points,
+                    shortft.ddim_timesteps(50, spacing="leading"))
+    runio.require(bool(args.shortcut_targets) and all(args.shortcut_targets), "shortcut_targets", args.shortcut_targets,
+                  "name one or more UNet modules")
+
+
 def apply_preset(args: Args) -> Args:
     if args.preset not in ("full", *PRESETS):
         raise ValueError(f"unknown preset {args.preset!r}: choose full or {', '.join(PRESETS)}")
@@ -441,10 +471,16 @@ def apply_preset(args: Args) -> Args:
 
 def main(args: Args) -> dict:
     """Build (or reuse) every stage in args.out; returns the report (also written to report.json)."""
+    args = apply_preset(args)
+    with runio.run_lock(Path(args.out) / ".lock", "build folder"):  # one writer per folder
+        return build(args)
+
+
+def build(args: Args) -> dict:
+    """`main`'s work, in the locked folder args.out."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    args = apply_preset(args)
     torch.set_num_threads(args.threads)
     out, start = Path(args.out), time.perf_counter()
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k != "threads"}
@@ -452,7 +488,7 @@ def main(args: Args) -> dict:
     old = runio.read_json_cache(out / "args.json", "every stage is built again")  # damaged: None, removed
     if old is not None and old != settings:
         changed = ", ".join(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
-        raise ValueError(f"{out} was built with other arguments ({changed}): delete it or pass another --out")
+        raise runio.RunError(f"{out} was built with other arguments ({changed}): delete it or pass another --out")
     runio.write_json(settings, out / "args.json")
     report = runio.read_json_cache(out / "report.json", "every stage is built again")
     report = report if isinstance(report, dict) and not (had_args and old is None) else {}
@@ -538,8 +574,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(runio.parse_args(Args))
-    except ValueError as e:  # bad arguments: one line, no traceback
-        print(f"minisd.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runio.cli(main, Args, check_args)

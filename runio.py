@@ -149,7 +149,7 @@ def _field_docs(cls) -> dict[str, str]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error; --help has the rest
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
 
 
 def _finite_float(text: str) -> float:
@@ -181,12 +181,14 @@ def parse_args(cls, argv: list[str] | None = None, check: Callable[[Any], None] 
                                 help=help_)
         else:
             parser.add_argument(name, type=_parse_type(kind), default=default, help=help_)
-    args = cls(**vars(parser.parse_args(argv)))
+    args = cls(**{k: _home(v) for k, v in vars(parser.parse_args(argv)).items()})
     if check is not None:
         try:
             check(args)
         except ValueError as e:
             parser.error(str(e))
+        except OSError as e:  # a path the system refuses to look at (e.g. a name over 255 bytes)
+            parser.error(f"{_one_line(e)}: check the paths given")
     return args
 
 
@@ -194,12 +196,39 @@ def cli(main: Callable[[Any], Any], cls, check: Callable[[Any], None] | None = N
         argv: list[str] | None = None):
     """A script's entry point: `parse_args(cls, argv, check)`, then `main(args)`; a `RunError` raised
     anywhere in `main` ends the script with one line on stderr and exit status 2."""
+    import errno
+    import signal
+
+    script = Path(sys.argv[0]).name if main.__module__ == "__main__" else main.__module__ + ".py"
+    _STOP["command"] = (script, list(sys.argv[1:] if argv is None else argv))
     args = parse_args(cls, argv, check)
+    prog = script
     try:
         return main(args)
+    except Interrupted as e:  # SIGINT / SIGTERM: one line (the resume command), exit 130 / 143
+        if str(e):
+            print(f"{prog}: interrupted by {e}", file=sys.stderr)
+        raise SystemExit(e.code) from None
     except RunError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops after its update, `graceful_stop`)
+        print(f"{prog}: interrupted by SIGINT", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except OSError as e:
+        if getattr(e, "errno", None) == errno.ENAMETOOLONG:
+            print(f"{prog}: error: {_one_line(e)}: choose shorter names", file=sys.stderr)
+            raise SystemExit(2) from None
+        if not disk_full(e):
+            raise
+        print(f"{prog}: error: no space left on the device ({_one_line(e)}): free some space; the last complete "
+              f"checkpoint is intact, continue with: {resume_command()}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _home(value: Any) -> Any:
+    """`~/x` as the shell expands it (a quoted '~/runs' or --out-dir=~/runs reaches the script unexpanded)."""
+    return os.path.expanduser(value) if isinstance(value, str) and (value == "~" or value.startswith("~/")) else value
 
 
 def _annotated_type(annotation) -> type:
@@ -230,6 +259,16 @@ def check_run_name(name: str, *, out_flag: str = "--out", name_flag: str = "--na
         and not os.path.isabs(name)
     require(plain, name_flag, name, "must be one plain folder name (no '/', '\\' or '..'): the run folder is "
                                     f"{out_flag.lstrip('-').upper()}/NAME")
+    check_name_length(name_flag, name)
+
+
+def check_name_length(flag: str, name: str, suffix: int = 0) -> None:
+    """ArgError unless the file name `name` (plus `suffix` characters the script appends, and the `.NAME.tmp` of an
+    atomic write) fits the 255 bytes a file name may have."""
+    size = len(name.encode(errors="replace")) + suffix + len("..tmp")
+    require(size <= 255, flag, name[:40] + "…" if len(name) > 40 else name,
+            f"a name of {len(name.encode(errors='replace'))} bytes is too long for a file name (at most "
+            f"{255 - suffix - len('..tmp')}): choose a shorter one")
 
 
 def check_writable_dir(flag: str, path: str | Path) -> None:
@@ -383,8 +422,10 @@ def _read_json(path: Path, what: str) -> Any:
         raise RunError(f"{path} is not readable JSON ({_one_line(e)}): {what}") from None
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def _one_line(e: BaseException | str) -> str:
+    """A message as one line: control characters a user typed into a value (\\r, \\n, ...) are shown escaped."""
+    text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(e).strip())
+    return text or type(e).__name__
 
 
 def _jsonable(o):
@@ -767,7 +808,8 @@ def check_fresh(run_dir: str | Path, name_flag: str = "--name") -> None:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         raise ArgError(name_flag, Path(run_dir).name, f"{run_dir} already holds a run (checkpoint {ckpt.name}): "
-                                                      f"pass --resume to continue it, or choose another {name_flag}")
+                                                      f"pass --resume to continue it, --overwrite to replace it, or "
+                                                      f"choose another {name_flag}")
 
 
 def resume_checkpoint(run_dir: str | Path, optimizer: torch.optim.Optimizer | None = None,
@@ -794,6 +836,150 @@ def resume_checkpoint(run_dir: str | Path, optimizer: torch.optim.Optimizer | No
         raise RunError(f"--resume: nothing to resume, {where} holds no checkpoint that loads ({len(skipped)} "
                        f"skipped; the newest: {skipped[0]}): start a new run with another --name")
     raise RunError(f"--resume: nothing to resume, {where} holds no checkpoint: drop --resume to start a new run")
+
+
+# ----------------------------------------------------------------------------- one writer per run, interruptions
+# A run folder is written by one process at a time: `run_lock` holds an OS-level lock (the `filelock` package:
+# flock on POSIX, released by the OS when the process dies, SIGKILL included) on `<folder>/.lock` for the whole run,
+# with its holder (pid, host, command) in `<folder>/.lock.owner.json`. `graceful_stop` turns the first SIGINT /
+# SIGTERM into a request the training loop answers between updates (checkpoint, one line, exit 130 / 143); `cli`
+# turns any other interruption and a full disk into one line.
+
+
+class Interrupted(RunError):
+    """SIGINT / SIGTERM stopped the run: `cli` prints the line (if any) and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
+_STOP: dict[str, Any] = {"signal": None, "command": None}
+
+
+def resume_command() -> str:
+    """The command line that continues this run: the script's, with --resume (shell-quoted)."""
+    import shlex
+
+    script, argv = _STOP["command"] or (Path(sys.argv[0]).name, sys.argv[1:])
+    argv = [a for a in argv if a not in ("--resume", "--overwrite", "--no-resume")]
+    return shlex.join(["python", script, *argv, "--resume"])
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[None]:
+    """Inside: the first SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop (`stop_requested`), so that the update
+    in progress finishes and a checkpoint is written; a second one stops at once (`Interrupted`, the previous
+    checkpoint stays the newest complete one). Handlers are restored on exit; outside the main thread a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if _STOP["signal"] is not None:
+            raise Interrupted(signum, f"{signal.Signals(signum).name} again: stopped at once; continue from the last "
+                                      f"checkpoint with: {resume_command()}")
+        _STOP["signal"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _STOP["signal"] = None
+
+
+def stop_requested() -> int | None:
+    """The signal (SIGINT / SIGTERM number) that asked the run to stop, or None."""
+    return _STOP["signal"]
+
+
+def interrupted(where: str, main_process: bool = True) -> Interrupted:
+    """The exception that ends a run stopped by `stop_requested()` once its checkpoint `where` is written."""
+    import signal
+
+    signum = stop_requested() or signal.SIGINT
+    return Interrupted(signum, f"{signal.Signals(signum).name}: stopped after {where}; continue with: "
+                               f"{resume_command()}" if main_process else "")
+
+
+def _lock_owner(path: Path) -> str:
+    owner = path.with_name(path.name + ".owner.json")
+    try:
+        o = json.loads(owner.read_text())
+        return f"process {o['pid']} on host {o['host']} (since {o['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def run_lock(lock: str | Path, what: str = "run folder", check: Callable[[], Any] = lambda: None,
+             enabled: bool = True) -> Iterator[None]:
+    """Hold the OS-level lock file `lock` (e.g. `<run>/.lock`) while the block runs: one writer per folder. Busy:
+    RunError naming the holder (pid, host). `check()` (read-only checks such as `check_fresh`) runs before the lock
+    file is created, so a run refused by it leaves nothing behind, and again once the lock is held. `enabled=False`
+    (a process other than the main one): only `check()`."""
+    import filelock
+    import socket
+
+    lock = Path(lock)
+    if not enabled:
+        check()
+        yield
+        return
+    held = filelock.FileLock(str(lock), timeout=0)
+
+    def take():
+        try:
+            held.acquire()
+        except filelock.Timeout:
+            raise RunError(f"{lock.parent} is in use by {_lock_owner(lock)}: this {what} has one writer at a time; "
+                           "wait for it to end (or stop it), or choose another name") from None
+
+    if lock.exists():
+        take()  # the holder of a live run is named before anything else is said about the folder
+    try:
+        check()
+        if not held.is_locked:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            take()
+            check()
+        write_json({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "command": _STOP["command"] or sys.argv}, lock.with_name(lock.name + ".owner.json"))
+        yield
+    finally:
+        if held.is_locked:
+            lock.with_name(lock.name + ".owner.json").unlink(missing_ok=True)
+            held.release(force=True)
+
+
+def check_not_finished(run_dir: str | Path, finished: Iterable[str], overwrite: bool, name_flag: str = "--name") -> None:
+    """ArgError if `run_dir` holds a finished model (any of `finished`, e.g. `lora` or `lora.safetensors`) and the
+    user did not pass --overwrite: a finished run is never replaced by accident (its checkpoints may be gone)."""
+    done = [f for f in finished if (Path(run_dir) / f).exists()]
+    require(overwrite or not done, name_flag, Path(run_dir).name,
+            f"{run_dir} holds a finished model ({done[0] if done else ''}): pass --overwrite to replace it, "
+            f"or choose another {name_flag}")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` is an out-of-space error (ENOSPC, EDQUOT) while writing."""
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def check_skipped(in_a_row: int, limit: int, update: int) -> None:
+    """RunError once `limit` (> 0; --max-skipped) updates in a row were skipped for NaN/inf: a run that cannot learn
+    stops instead of saving its untrained weights as the result."""
+    if limit and in_a_row >= limit:
+        raise RunError(f"--max-skipped {limit}: {in_a_row} updates in a row were skipped (NaN/inf gradient or weights), "
+                       f"the last at update {update}: the run cannot learn; lower --lr, or check --reward's weights, "
+                       "the shortcut and the model")
 
 
 # ----------------------------------------------------------------------------- validated reading

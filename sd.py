@@ -426,6 +426,18 @@ def decode(vae, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor
     return ((x + 1) / 2).clamp(0, 1)
 
 
+def check_sampler_inputs(prompts: Sequence[str], seeds: Sequence[int], batch: int) -> None:
+    """TypeError / ValueError saying what to pass unless `prompts` is a non-empty list of strings with one seed each
+    and `batch` a positive integer (a library caller's mistakes would otherwise loop forever, or not at all)."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if not prompts or len(seeds) != len(prompts):
+        raise ValueError(f"give one or more prompts and one seed per prompt, got {len(prompts)} prompts and "
+                         f"{len(seeds)} seeds")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer (images per sampler call), got {batch!r}")
+
+
 @torch.no_grad()
 def sample(c: dict, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence[int], guidance: float = 7.5,
            points: Sequence[int] | None = None, timestep_aware: bool = True, model: str = shortft.TUNED,
@@ -433,6 +445,7 @@ def sample(c: dict, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence
     """The ordinary N-step DDIM + CFG sampler (`shortft.sampling_chain(grid, points, model)`: TUNED where a LoRA
     acts, BASE elsewhere; model=BASE samples the base) from one fixed seed per prompt; images (B, 3, H, W) on CPU.
     `c` holds the components `load_components` returns. The fine-tuned model is exactly this sampler."""
+    check_sampler_inputs(prompts, seeds, batch)
     unet, vae, tok, te = c["unet"], c["vae"], c["tokenizer"], c["text_encoder"]
     cache = {} if cache is None else cache
     device = next(unet.parameters()).device

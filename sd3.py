@@ -219,6 +219,7 @@ def sample(c: dict, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence
     """The ordinary N-step Euler + CFG sampler (`shortft.sampling_chain(grid, points, model)`: TUNED where a LoRA
     acts, BASE elsewhere; model=BASE samples the base) from one fixed seed per prompt; images (B, 3, H, W) on CPU.
     `c` holds the components `load_components` returns. The fine-tuned model is exactly this sampler."""
+    sd.check_sampler_inputs(prompts, seeds, batch)
     transformer, vae = c["transformer"], c["vae"]
     cache = {} if cache is None else cache
     device = next(transformer.parameters()).device
