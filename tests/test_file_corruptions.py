@@ -55,7 +55,7 @@ POINTS = (701, 401, 201, 1)
 SAMPLING_KEYS = ("adapters", "files", "lora_points", "timestep_aware", "grid", "guidance_scale")
 QUICK = dict(deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
              suppress_health_check=list(HealthCheck))  # the same examples on every run, no shrinking (slow here)
-FEW = settings(max_examples=12, **QUICK)
+FEW = settings(max_examples=8, **QUICK)
 
 
 # ----------------------------------------------------------------------------- corruptions
