@@ -602,3 +602,19 @@ def test_train_sd_state_check():
             train_sd.check_state({**good, **change}, k=4)
     with pytest.raises(KeyError):
         train_sd.check_state({k: v for k, v in good.items() if k != "stage"}, k=4)
+
+
+def test_damaged_tiny_model_folder_is_rebuilt(tmp_path, capsys):
+    """--tiny's files kept between runs: a flipped byte in the tiny CLIP folder is seen by its manifest and the folder
+    is rebuilt with one line, into the very same files (the build is seeded)."""
+    import train_sd
+
+    folder = tmp_path / "clip"
+    train_sd.tiny_part(folder, "config.json", tiny.tiny_clip)
+    manifest = (folder / "MANIFEST.json").read_text()
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(damage_bytes(weights.read_bytes(), "flip", 0.9, 1))
+    capsys.readouterr()
+    train_sd.tiny_part(folder, "config.json", tiny.tiny_clip)
+    assert sum("is damaged" in line and "rebuilding it" in line for line in capsys.readouterr().err.splitlines()) == 1
+    assert json.loads((folder / "MANIFEST.json").read_text())["files"] == json.loads(manifest)["files"]
