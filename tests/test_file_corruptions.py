@@ -618,3 +618,18 @@ def test_damaged_tiny_model_folder_is_rebuilt(tmp_path, capsys):
     train_sd.tiny_part(folder, "config.json", tiny.tiny_clip)
     assert sum("is damaged" in line and "rebuilding it" in line for line in capsys.readouterr().err.splitlines()) == 1
     assert json.loads((folder / "MANIFEST.json").read_text())["files"] == json.loads(manifest)["files"]
+
+
+def test_minisd_stage_folders_are_checked_against_their_manifest(tmp_path):
+    """minisd's stage folders (written whole, with a MANIFEST.json) report a damaged file, which makes minisd.py build
+    that stage again; a folder without a manifest (an older build) is not checked."""
+    import minisd
+
+    out = tmp_path / "out"
+    minisd.save_folder(lambda d: (d / "sub").mkdir() or (d / "sub" / "w.bin").write_bytes(b"\x01" * 64), out / "pipe")
+    files = [out / "pipe" / "sub", out / "classifier.safetensors"]
+    assert minisd.damaged_stage(out, files) is None
+    (out / "pipe" / "sub" / "w.bin").write_bytes(b"\x01" * 63 + b"\x02")
+    assert "w.bin does not match its checksum" in minisd.damaged_stage(out, files)
+    (out / "pipe" / "MANIFEST.json").unlink()
+    assert minisd.damaged_stage(out, files) is None
