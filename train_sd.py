@@ -572,6 +572,9 @@ def train(args: Args, world, run_dir: Path) -> dict:
                                     main_proc)
         watch, gflop = budget.Stopwatch(), 0.0
     bar.close()
+    if runio.stop_requested() is not None:  # signalled after the last update: its checkpoint is written
+        raise runio.interrupted(f"the last update ({spent.updates}; lora/ and the final evaluation not written)",
+                                main_proc)
     if main_proc:
         if last_eval is None or last_eval["update"] != spent.updates:
             last_eval = evaluate()
