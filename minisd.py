@@ -33,7 +33,6 @@ Run: python minisd.py        (python minisd.py --preset test: a reduced build in
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -199,8 +198,7 @@ def train_classifier(args: Args, train, heldout, out: Path) -> dict:
     adam_steps(model.parameters(), args.classifier_steps, 3e-3, loss, "classifier")
     with torch.no_grad():
         accuracy = (model.eval()(x_te).argmax(-1) == y_te).float().mean().item()
-    runio.save_tensors(model.state_dict(), out / "classifier.safetensors")
-    runio.write_json(model.config, out / "classifier.json")
+    rewards.save_digit_classifier(model, out / "classifier.safetensors")
     return dict(heldout_accuracy=accuracy, heldout=len(y_te))
 
 
@@ -486,11 +484,14 @@ def build(args: Args) -> dict:
     torch.set_num_threads(args.threads)
     out, start = Path(args.out), time.perf_counter()
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k != "threads"}
-    if (out / "args.json").is_file() and (old := json.loads((out / "args.json").read_text())) != settings:
-        raise runio.RunError(f"{out} was built with other arguments "
-                         f"({', '.join(k for k in settings if old.get(k) != settings[k])}): delete it or pass another --out")
+    had_args = (out / "args.json").is_file()
+    old = runio.read_json_cache(out / "args.json", "every stage is built again")  # damaged: None, removed
+    if old is not None and old != settings:
+        changed = ", ".join(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
+        raise runio.RunError(f"{out} was built with other arguments ({changed}): delete it or pass another --out")
     runio.write_json(settings, out / "args.json")
-    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+    report = runio.read_json_cache(out / "report.json", "every stage is built again")
+    report = report if isinstance(report, dict) and not (had_args and old is None) else {}
     pipe, sc_file = out / "pipeline", out / "shortcut" / "pytorch_lora_weights.safetensors"
     rebuild, clock = False, {}
 
@@ -508,6 +509,12 @@ def build(args: Args) -> dict:
 
     train, heldout = load_digits_split(args.seed)
     report["data"] = dict(train=len(train[1]), heldout=len(heldout[1]), image_size=32, latent_size=4)
+    if (out / "classifier.safetensors").is_file() and (out / "classifier.json").is_file():
+        try:  # a damaged classifier is trained again
+            rewards.load_digit_classifier(str(out / "classifier.safetensors"), str(out / "classifier.json"))
+        except ValueError as e:
+            print(f"{e}: training it again", file=sys.stderr)
+            report.pop("classifier", None)
     if todo("classifier", out / "classifier.safetensors", out / "classifier.json"):
         done("classifier", train_classifier(args, train, heldout, out))
     classifier = rewards.digit(digit_classifier=str(out / "classifier.safetensors")).models[0]

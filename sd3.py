@@ -271,7 +271,7 @@ def load_lora(transformer, lora_dir: str | Path) -> dict:
     points=layout["lora_points"], timestep_aware=layout["timestep_aware"])`."""
     from diffusers import StableDiffusion3Pipeline
 
-    layout = read_lora_layout(lora_dir)
+    layout = read_lora_layout(lora_dir, transformer)
     for name, file in zip(layout["adapters"], layout["files"]):
         state_dict, meta = StableDiffusion3Pipeline.lora_state_dict(str(lora_dir), weight_name=file,
                                                                     return_lora_metadata=True)

@@ -311,6 +311,15 @@ def user_error(e: Exception) -> runio.RunError:
     return runio.RunError(" ".join(str(e).split()))
 
 
+def check_state(state: dict, k: int) -> None:
+    """What --resume reads from a checkpoint's state.json besides the RNG and optimizer (runio.check_checkpoint): the
+    loop's counters (runio.check_run_state) and the stage, one of 1 … k. ValueError or KeyError: the checkpoint is
+    skipped for the previous one."""
+    runio.check_run_state(state, ("stage",))
+    if state["stage"] is not None and not (isinstance(state["stage"], int) and 1 <= state["stage"] <= k):
+        raise ValueError(f"its stage {state['stage']!r} is not one of 1 … {k}")
+
+
 def main(args: Args) -> dict:
     """Train; returns {"run_dir", "update", "skipped", "eval", "args", "spent", "weights"} (weights: this process's
     LoRA branches by parameter name; several processes hold the same ones)."""
@@ -426,7 +435,8 @@ def train(args: Args, world, run_dir: Path) -> dict:
 
     skipped, spent = 0, budget.Spent()  # spent: what the updates have used so far (--steps, --budget)
     if args.resume:  # the newest checkpoint that loads, with exactly this run's LoRA keys and shapes
-        _, weights, state = runio.resume_checkpoint(run_dir, optimizer.optimizer, expect=sd.lora_weights(net, names))
+        _, weights, state = runio.resume_checkpoint(run_dir, optimizer.optimizer, expect=sd.lora_weights(net, names),
+                                                    check_state=partial(check_state, k=k))
         named = dict(net.named_parameters())
         with torch.no_grad():
             for n, w in weights.items():

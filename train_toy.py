@@ -113,6 +113,16 @@ def check_args(args: Args) -> None:
     runio.require_range("max_skipped", args.max_skipped, 0, what="0: never stop")
 
 
+def check_state(state: dict) -> None:
+    """What --resume reads from a checkpoint's state.json besides the RNG and optimizer (runio.check_checkpoint): the
+    loop's counters (runio.check_run_state), the evaluations done (a count) and the chain RNG (a Python random state).
+    ValueError or KeyError: the checkpoint is skipped for the previous one."""
+    runio.check_run_state(state, ("evals", "chain_rng"))
+    if not (isinstance(state["evals"], int) and not isinstance(state["evals"], bool) and state["evals"] >= 0):
+        raise ValueError(f"its evaluation count {state['evals']!r} is not a count")
+    runio.check_python_random_state(state["chain_rng"], "its chain RNG state")
+
+
 def set_trainable(world: toy.Toy, stage: int) -> tuple[int, ...]:
     """Progressive training: requires_grad exactly on LoRA_i … LoRA_k of stage i (all other adapters, the shortcut and
     the base frozen). Returns the trainable branch indices."""
@@ -158,12 +168,12 @@ def _train(args: Args, log, run_dir: Path) -> dict:
     chain_rng = random.Random(args.seed)
     spent, state = budget.Spent(), {"skipped": 0, "evals": 0}
     if args.resume:  # weights, optimizer, torch/python/numpy RNGs, loop state, chain RNG
-        ckpt, weights, saved = runio.resume_checkpoint(run_dir, opt, expect=world.tuned_state())
+        ckpt, weights, saved = runio.resume_checkpoint(run_dir, opt, expect=world.tuned_state(),
+                                                       check_state=check_state)
         world.load_tuned_state(weights)
         state = {k_: saved[k_] for k_ in state}
         spent = budget.Spent(**saved["spent"])
-        version, internal, gauss = saved["chain_rng"]
-        chain_rng.setstate((version, tuple(internal), gauss))
+        chain_rng.setstate(runio.check_python_random_state(saved["chain_rng"], "its chain RNG state"))
         runio.keep_jsonl_until(run_dir / "metrics.jsonl", spent.updates)  # rows after the checkpoint come again
         log(f"resumed from {ckpt} at update {spent.updates}")
     else:
