@@ -346,6 +346,7 @@ def main(args: Args) -> dict:
             runio.check_fresh(run_dir, "--name")
             runio.check_not_finished(run_dir, ("lora",), args.overwrite)
 
+    sd.launched_processes()  # a launch that started one process where several were asked for: one line, now
     # one writer per run folder (the main process holds the lock); the first SIGINT / SIGTERM stops after the update
     with runio.run_lock(run_dir / ".lock", check=checks, enabled=os.environ.get("RANK", "0") == "0"), \
             runio.graceful_stop():
