@@ -190,8 +190,9 @@ def test_nan_reward_is_a_counted_skip(cache, tmp_path, monkeypatch):
     world = toy.build_toy(world_args(cache), P)
     before = world.tuned_state()
     make = toy.make_reward
-    monkeypatch.setattr(toy, "make_reward", lambda spec, w: (lambda x, c: x.sum(1) * float("nan")) if spec == "region"
-                        else make(spec, w))
+    nan_in_updates = lambda x, c: x.sum(1) * (math.nan if torch.is_grad_enabled() else 1.0)  # noqa: E731 (the
+    # probe and the evaluations run without gradient: a reward that is NaN from the start stops the run at the probe)
+    monkeypatch.setattr(toy, "make_reward", lambda spec, w: nan_in_updates if spec == "region" else make(spec, w))
     out = train_toy.train(train_toy.Args(**TINY, cache_dir=str(cache), out_dir=str(tmp_path), reward="region", budget=3,
                                          budget_unit="updates", evals=1, eval_batch=8, batch_size=8), log=lambda *a: None)
     assert out["skipped"] == 3 and out["updates"] == 3
