@@ -218,6 +218,11 @@ def pm(v, digits: int = 3) -> str:
     return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
 
 
+def pm_ratio(v) -> str:
+    """A norm ratio to 3 significant digits (they span 0.001 … 10)."""
+    return f"{v[0]:#.3g} ± {v[1]:#.2g}"
+
+
 def table_markdown(summary: dict, args: BenchArgs, wall: float, cpu: float) -> str:
     """The cosine table, the relative-norm table and the headline table, as Markdown."""
     cols = [0, *args.points]
@@ -242,8 +247,8 @@ def table_markdown(summary: dict, args: BenchArgs, wall: float, cpu: float) -> s
         cells = []
         for u in cols:
             c = s["points"][str(u)]
-            cells.append(f"{pm(c['draw_rel_norm'], 2)}" if c["draws"] == 1 else
-                         f"{pm(c['draw_rel_norm'], 2)}; E {pm(c['mean_rel_norm'], 2)}")
+            cells.append(f"{pm_ratio(c['draw_rel_norm'])}" if c["draws"] == 1 else
+                         f"{pm_ratio(c['draw_rel_norm'])}; E {pm_ratio(c['mean_rel_norm'])}")
         lines.append(f"| {row} | {s['draws']} | " + " | ".join(cells) + " |")
     first, last = str(cols[0]), str(cols[-1])
     lines += ["", f"**Headline** (cos(g, g*) of one draw / of the expectation; biased: E mean + std < {BIASED_BELOW}; "
@@ -274,12 +279,13 @@ def plot(summary: dict, args: BenchArgs, path: Path) -> None:
         for ax, key in zip(axes, ("draw_cos", "mean_cos", "mean_rel_norm")):
             m = [summary[r]["points"][str(u)][key][0] for r in rows]
             e = [summary[r]["points"][str(u)][key][1] for r in rows]
-            ax.errorbar(m, y, xerr=e, fmt="o", ms=3.5, lw=1, capsize=2, color=f"C{j}", label=label)
+            low = [min(s, 0.9 * v) if key == "mean_rel_norm" else s for v, s in zip(m, e)]  # a log axis has no 0
+            ax.errorbar(m, y, xerr=[low, e], fmt="o", ms=3.5, lw=1, capsize=2, color=f"C{j}", label=label)
     axes[0].set_yticks(range(len(rows)), rows, fontsize=8)
     axes[0].invert_yaxis()
     axes[0].set(xlabel="cos(g_one draw, g*)", title="one draw (mean ± std over draws and batches)")
     axes[1].set(xlabel="cos(E g, g*)", title="expectation over draws (± std over batches)")
-    axes[2].set(xlabel="‖E g‖ / ‖g*‖", xscale="log", title="relative norm of the expectation")
+    axes[2].set(xlabel="‖E g‖ / ‖g*‖", xscale="log", title="relative norm of the expectation (− std cut at 0.1×)")
     for ax in axes[:2]:
         ax.axvline(1.0, c="gray", lw=0.8, ls=":")
         ax.set_xlim(min(-0.2, ax.get_xlim()[0]), 1.05)
