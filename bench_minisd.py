@@ -155,7 +155,14 @@ def guidance(args: Args) -> float:
     if args.guidance:
         return args.guidance
     report = Path(args.minisd) / "report.json"
-    teacher = json.loads(report.read_text()).get("shortcut", {}).get("teacher_guidance") if report.is_file() else None
+    try:
+        teacher = json.loads(report.read_text()).get("shortcut", {}).get("teacher_guidance") if report.is_file() else None
+    except (ValueError, OSError, AttributeError):
+        raise runio.RunError(f"{report} is damaged: rebuild it with `python minisd.py`, or pass --guidance") from None
+    if not (teacher is None or isinstance(teacher, (int, float)) and not isinstance(teacher, bool)
+            and math.isfinite(teacher) and teacher >= 0):
+        raise runio.RunError(f"{report} gives the shortcut's CFG scale as {teacher!r}: rebuild it with "
+                             "`python minisd.py`, or pass --guidance")
     if teacher is None:
         raise runio.RunError(f"{report} does not say the shortcut's CFG scale (an older build): rebuild it with "
                              f"`python minisd.py`, or pass --guidance")
@@ -181,9 +188,14 @@ def command(args: Args, variant: str, seed: int, folder: Path, name: str, budget
 def train(cmd: list[str], run_dir: Path) -> tuple[list[dict], float]:
     """Run one train_sd.py command in a fresh folder, or reuse the folder if it holds a finished run of the same
     command (bench.json, written last). Returns its metrics rows and wall-seconds."""
-    done = run_dir / "bench.json"
-    if done.is_file() and (old := json.loads(done.read_text()))["command"] == cmd[1:]:
-        return runio.read_jsonl(run_dir / "metrics.jsonl"), old["wall_s"]
+    done, metrics = run_dir / "bench.json", run_dir / "metrics.jsonl"
+    old = runio.read_json_cache(done, "the run is made again")
+    if isinstance(old, dict) and old.get("command") == cmd[1:]:
+        if old.get("metrics_sha256") == (runio.file_sha256(metrics) if metrics.is_file() else None) \
+                and isinstance(old.get("wall_s"), (int, float)):
+            return runio.read_jsonl(metrics), old["wall_s"]
+        print(f"{run_dir}: its metrics.jsonl or bench.json changed after the run finished: the run is made again",
+              file=sys.stderr)
     shutil.rmtree(run_dir, ignore_errors=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
     t0 = time.perf_counter()
@@ -191,7 +203,7 @@ def train(cmd: list[str], run_dir: Path) -> tuple[list[dict], float]:
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise runio.RunError(f"{run_dir.name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    runio.write_json({"command": cmd[1:], "wall_s": wall}, done)
+    runio.write_json({"command": cmd[1:], "wall_s": wall, "metrics_sha256": runio.file_sha256(metrics)}, done)
     return runio.read_jsonl(run_dir / "metrics.jsonl"), wall
 
 
@@ -397,7 +409,14 @@ def before_after(args: Args, out: Path, columns: int = 20) -> None:
 
 
 def main(args: Args) -> dict:
+    """The benchmark (module docstring), its output folder locked while it runs (one writer)."""
     check_args(args)
+    with runio.run_lock(Path(args.out) / ".lock", "benchmark folder"):
+        return run(args)
+
+
+def run(args: Args) -> dict:
+    """`main` with checked arguments, in its locked output folder."""
     out = Path(args.out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     w = guidance(args)

@@ -271,7 +271,14 @@ def plot(out: Path, metrics: dict, world: toy.Toy, samples: dict, args: BenchArg
 
 
 def bench(args: BenchArgs) -> dict:
-    """Every step of the module docstring with checked arguments; returns metrics.json's content."""
+    """Every step of the module docstring with checked arguments; returns metrics.json's content. The output folder
+    is locked while the benchmark runs (one writer)."""
+    with runio.run_lock(Path(args.out_dir) / args.name / ".lock", "benchmark folder"):
+        return run_bench(args)
+
+
+def run_bench(args: BenchArgs) -> dict:
+    """`bench` in its locked output folder."""
     torch.set_num_threads(args.threads)
     out = Path(args.out_dir) / args.name
     out.mkdir(parents=True, exist_ok=True)

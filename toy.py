@@ -372,10 +372,9 @@ def build_toy(w: WorldArgs, points: Sequence[int] | None = None, timestep_aware:
     cache = Path(w.cache_dir)
     t0 = time.perf_counter()
     base_path = cache / f"base_{cache_key(w, BASE_FIELDS)}.safetensors"
-    hit = base_path.is_file()
+    model = EpsMLP(w.hidden, w.depth, w.classes)
+    hit = runio.load_cached_tensors(base_path, model.load_state_dict)  # a damaged cache file is rebuilt
     if hit:
-        model = EpsMLP(w.hidden, w.depth, w.classes)
-        model.load_state_dict(runio.load_tensors(base_path))
         model.requires_grad_(False)
     else:
         model = pretrain_base(w, schedule)
@@ -394,10 +393,10 @@ def build_toy(w: WorldArgs, points: Sequence[int] | None = None, timestep_aware:
 
     t0 = time.perf_counter()
     sc_path = cache / f"shortcut_{cache_key(w, SHORTCUT_FIELDS)}.safetensors"
-    hit = sc_path.is_file()
-    if hit:
-        shortcut.load_adapter_state_dict(model, "shortcut", runio.load_tensors(sc_path))
-    else:
+    init = {k: v.clone() for k, v in shortcut.adapter_state_dict(model, "shortcut").items()}
+    hit = runio.load_cached_tensors(sc_path, lambda t: shortcut.load_adapter_state_dict(model, "shortcut", t))
+    if not hit:
+        shortcut.load_adapter_state_dict(model, "shortcut", init)  # a damaged file may have been copied in part
         distill_shortcut(w, world)
         runio.save_tensors(shortcut.adapter_state_dict(model, "shortcut"), sc_path)
     if log:
