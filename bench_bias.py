@@ -299,7 +299,14 @@ def plot(summary: dict, args: BenchArgs, path: Path) -> None:
 
 
 def bench(args: BenchArgs) -> dict:
-    """Train, measure and write every output of the module docstring; returns metrics.json's content."""
+    """Train, measure and write every output of the module docstring; returns metrics.json's content. The output
+    folder is locked while the benchmark runs (one writer)."""
+    with runio.run_lock(Path(args.out_dir) / args.name / ".lock", "benchmark folder"):
+        return run_bench(args)
+
+
+def run_bench(args: BenchArgs) -> dict:
+    """`bench` in its locked output folder."""
     torch.set_num_threads(args.threads)
     w0, c0 = time.perf_counter(), time.process_time()
     out = Path(args.out_dir) / args.name
