@@ -165,17 +165,18 @@ def checkpoint(run: train_toy.Args, update: int) -> Path:
 
 
 def measure(args: BenchArgs, config: str, batches, reward_fn) -> dict:
-    """{stage: {point: per-batch gradient_bias rows}} of one method; stage 1 only for single-stage methods."""
+    """{stage: {point: per-batch gradient_bias rows}} of one method (every stage of its progressive training; stage 1
+    only for the baselines and without progressive training), the exact gradient computed once per batch and point."""
     run = run_args(args, config)
     grid, schedule = shortft.ddim_timesteps(toy.NUM_STEPS), shortft.make_schedule()
     points, aware = chain_args.layout(run, grid, schedule)
-    stages = range(1, (len(points) if points else 1) + 1) if run.progressive or not points else range(1, 2)
+    k = chain_args.num_stages(run, grid, schedule)
+    stages = range(1, k + 1)
     world = toy.build_toy(args, points, aware, run.lora_rank, run.lora_alpha, args.seed)
     init = world.tuned_state()
     draws = {s: measure_toy.method_draws(run.method, grid, chain_args.chain_switches(run, points, s), args.noise_draws)
              for s in stages}
     names = {s: [world.names[i] for i in shortft.trainable_loras(s, points, aware)] for s in stages}
-    k = chain_args.num_stages(run, grid, schedule)
     out = {s: {} for s in stages}
     active = {}
     for update in [0, *args.points]:
