@@ -362,6 +362,7 @@ def main(args: Args) -> dict:
             runio.check_fresh(run_dir, "--name")
             runio.check_not_finished(run_dir, ("lora",), args.overwrite)
 
+    sd.launched_processes()  # a launch that started one process where several were asked for: one line, now
     # one writer per run folder (the main process holds the lock); the first SIGINT / SIGTERM stops after the update
     with runio.run_lock(run_dir / ".lock", check=checks, enabled=os.environ.get("RANK", "0") == "0"), \
             runio.graceful_stop():
@@ -578,10 +579,7 @@ def train(args: Args, world, run_dir: Path) -> dict:
                    "time/update_s": wall, "budget/spent": spent.of(args.budget_unit), "time/cpu_s": spent.cpu_seconds,
                    **({"compute/gflop": spent.gflop} if count_flops else {}),
                    "chain/grad_evals": shortft.chain_cost(chain)["grad"]}
-        stop = runio.stop_requested() is not None  # SIGINT / SIGTERM: checkpoint this update and stop
-        if accelerator.num_processes > 1:  # every process stops after the same update
-            stop = accelerator.reduce(torch.tensor([float(stop)], device=device), "sum").item() > 0
-        checkpoint = (args.save_every and step % args.save_every == 0) or progress() >= 1 or stop
+        checkpoint = (args.save_every and step % args.save_every == 0) or progress() >= 1
         if checkpoint:
             sd.check_processes_agree(accelerator, sd.lora_weights(net, names), step)
         if main_proc:  # the other processes go on to the next update and wait for this one in its all-reduce
@@ -592,12 +590,23 @@ def train(args: Args, world, run_dir: Path) -> dict:
                 last_eval = evaluate()
             if checkpoint:
                 save()
-        if stop:
+        stop = runio.stop_requested() is not None  # SIGINT / SIGTERM during this update or its bookkeeping
+        if accelerator.num_processes > 1:  # every process stops after the same update
+            stop = accelerator.reduce(torch.tensor([float(stop)], device=device), "sum").item() > 0
+        if stop:  # this update checkpointed, one line, exit 130 / 143
+            if not checkpoint:
+                sd.check_processes_agree(accelerator, sd.lora_weights(net, names), step)
+                if main_proc:
+                    save()
             accelerator.wait_for_everyone()  # the main process has written the checkpoint
+            bar.close()
             raise runio.interrupted(f"update {step} (checkpoint {run_dir / 'checkpoints' / f'step_{step:07d}'})",
                                     main_proc)
         watch, gflop = budget.Stopwatch(), 0.0
     bar.close()
+    if runio.stop_requested() is not None:  # signalled after the last update: its checkpoint is written
+        raise runio.interrupted(f"the last update ({spent.updates}; lora/ and the final evaluation not written)",
+                                main_proc)
     if main_proc:
         if last_eval is None or last_eval["update"] != spent.updates:
             last_eval = evaluate()
