@@ -334,7 +334,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def keep_jsonl_until(path: str | Path, update: int) -> None:
-    """On resume: keep only the records logged up to `update` (later ones are logged again), atomically."""
+    """On resume: keep only the records logged up to `update` (later ones are logged again), atomically. RunError if
+    `path` is something other than a file."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise RunError(f"{path} is not a file: move it away, the run appends its metrics there")
     rows = [r for r in read_jsonl(path) if r.get("update", 0) <= update]
     write_text("".join(json.dumps(r) + "\n" for r in rows), path)
 
@@ -561,23 +564,31 @@ def _remove(folder: Path, path: Path) -> None:
     """Delete `folder` (`path` or one of its siblings) by renaming it to `.<name>.del` first."""
     trash = _sibling(path, "del")
     if trash.exists():
-        shutil.rmtree(trash)
+        _delete(trash)
     os.rename(folder, trash)
     _fsync(path.parent)
     _pause("removing", folder)
-    shutil.rmtree(trash)
+    _delete(trash)
+
+
+def _delete(path: Path) -> None:
+    """Delete a folder, or a file where a folder was expected (a damaged run folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _recover(path: Path, manifest: str) -> None:
     """Leave at most `path` of `path`, `.tmp`, `.old`, `.del`: the newest complete copy."""
     tmp, old, trash = (_sibling(path, k) for k in ("tmp", "old", "del"))
     if trash.exists():
-        shutil.rmtree(trash)
+        _delete(trash)
     if tmp.exists():
         if folder_problem(tmp, manifest) is None:
             _swap_in(tmp, path)  # killed after step 2: the new copy is complete, finish the swap
         else:
-            shutil.rmtree(tmp)  # killed in step 1 or 2: `path` was never touched
+            _delete(tmp)  # killed in step 1 or 2: `path` was never touched
     if old.exists():
         if path.exists():
             _remove(old, path)  # killed in step 4

@@ -533,7 +533,8 @@ def read_lora_layout(lora_dir: str | Path, model=None) -> dict:
     lora_dir = Path(lora_dir)
     where = f"LoRA folder {str(lora_dir)!r}"
     if not lora_dir.is_dir():
-        raise FileNotFoundError(f"{where} does not exist")
+        raise FileNotFoundError(f"{where} {'is a file, not a folder' if lora_dir.exists() else 'does not exist'}: "
+                                "pass the lora/ folder train_sd.py writes (runs/<name>/lora)")
     if not (lora_dir / LORA_JSON).is_file():
         raise FileNotFoundError(f"{where} has no {LORA_JSON}: it says which branch acts at which "
                                 f"timestep; pass a folder written by train_sd.py (runs/<name>/lora)")
