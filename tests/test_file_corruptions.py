@@ -579,7 +579,7 @@ def test_benchmark_reuses_a_finished_run_only_while_its_records_are_whole(tmp_pa
     cmd = [sys.executable, "-c", f"import pathlib; pathlib.Path({str(run)!r}).mkdir(exist_ok=True); "
            f"(pathlib.Path({str(run)!r}) / 'metrics.jsonl').write_text('{{\"update\": 1, \"loss\": 0.5}}\\n'); "
            f"open({str(log)!r}, 'a').write('x')"]
-    rows, _ = bench_minisd.train(cmd, run)
+    rows = bench_minisd.train(cmd, run)[0]
     assert rows == [{"update": 1, "loss": 0.5}] and bench_minisd.train(cmd, run)[0] == rows and log.read_text() == "x"
     for damage in (lambda: (run / "bench.json").write_text('{"command": [1, '),
                    lambda: (run / "metrics.jsonl").write_text('{"update": 1, "loss": 9.5}\n')):
