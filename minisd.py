@@ -520,7 +520,7 @@ def build(args: Args) -> dict:
 
     def done(key: str, numbers: dict) -> None:
         report[key] = {**numbers, "seconds": round(time.perf_counter() - clock[key], 1)}
-        runio.write_json(report, out / "report.json")
+        runio.write_json_cache(report, out / "report.json")
 
     train, heldout = load_digits_split(args.seed)
     report["data"] = dict(train=len(train[1]), heldout=len(heldout[1]), image_size=32, latent_size=4)
@@ -578,7 +578,7 @@ def build(args: Args) -> dict:
 
     report["build_seconds"] = round(sum(report[k]["seconds"] for k in clock), 1)
     report["last_call"] = dict(seconds=round(time.perf_counter() - start, 1), threads=args.threads)
-    runio.write_json(report, out / "report.json")
+    runio.write_json_cache(report, out / "report.json")
     print(f"classifier held-out accuracy {report['classifier']['heldout_accuracy']:.3f}; 50-step samples recognised "
           f"{report['guidance']['rate']:.3f} at w = {w}; shortcut distilled at w_T = {w_T}; jump error / teacher "
           f"displacement at w_T, shortcut (base one-step with CFG): "

@@ -471,7 +471,7 @@ def main(args: Args) -> dict:
     def done(key: str, numbers: dict) -> None:
         report[key] = {**numbers, "seconds": round(time.perf_counter() - clock[key][0], 1),
                        "cpu_seconds": round(time.process_time() - clock[key][1], 1)}
-        runio.write_json(report, out / "report.json")
+        runio.write_json_cache(report, out / "report.json")
 
     train, heldout = minisd.load_digits_split(args.seed)
     report["data"] = dict(train=len(train[1]), heldout=len(heldout[1]), image_size=32, latent_size=4)
@@ -532,7 +532,7 @@ def main(args: Args) -> dict:
     report["build_seconds"] = round(sum(report[k]["seconds"] for k in clock), 1)
     report["build_cpu_seconds"] = round(sum(report[k]["cpu_seconds"] for k in clock), 1)
     report["last_call"] = dict(seconds=round(time.perf_counter() - start, 1), threads=args.threads)
-    runio.write_json(report, out / "report.json")
+    runio.write_json_cache(report, out / "report.json")
     print(f"classifier held-out accuracy {report['classifier']['heldout_accuracy']:.3f}; {args.num_steps}-step samples "
           f"recognised {report['guidance']['rate']:.3f} at w = {w}; jump error / teacher displacement, shortcut "
           "(base one Euler step with CFG): " + ", ".join(f"{k} {v['shortcut']['of_displacement']:.3f} "

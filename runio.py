@@ -1045,14 +1045,30 @@ def check_weights_finite(tensors: Mapping[str, torch.Tensor], where: str, limit:
                                   "is that large (a damaged or rescaled file): pass the weights of a finished training")
 
 
+CONTENT_DIGEST = "content_sha256"
+"""Key of a JSON object written by `write_json_cache`: the sha256 of the rest of it (`state_digest`)."""
+
+
+def write_json_cache(obj: Mapping[str, Any], path: str | Path) -> None:
+    """`write_json` of a JSON object a script keeps between calls (e.g. minisd's report.json), with the sha256 of its
+    content (CONTENT_DIGEST), so that `read_json_cache` sees a value changed after it was written."""
+    body = {k: v for k, v in obj.items() if k != CONTENT_DIGEST}
+    write_json({**body, CONTENT_DIGEST: state_digest(body)}, path)
+
+
 def read_json_cache(path: str | Path, what: str = "it is rebuilt") -> Any:
     """The JSON a script keeps between calls (a cache, a benchmark's finished-run record), or None when it is missing;
-    a damaged one is removed, with one line saying so (`what`: what happens instead), and is None too."""
+    a damaged one — not JSON, or a `write_json_cache` object whose checksum does not match — is removed, with one line
+    saying so (`what`: what happens instead), and is None too. The checksum key is not returned."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(obj, dict) and CONTENT_DIGEST in obj:
+            if obj.pop(CONTENT_DIGEST) != state_digest(obj):
+                raise ValueError("changed after it was written: its checksum does not match")
+        return obj
     except (ValueError, OSError) as e:
         print(f"{path} is damaged ({_one_line(e)[:120]}): {what}", file=sys.stderr)
         path.unlink(missing_ok=True)

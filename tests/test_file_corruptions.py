@@ -633,3 +633,25 @@ def test_minisd_stage_folders_are_checked_against_their_manifest(tmp_path):
     assert "w.bin does not match its checksum" in minisd.damaged_stage(out, files)
     (out / "pipe" / "MANIFEST.json").unlink()
     assert minisd.damaged_stage(out, files) is None
+
+
+@FEW
+@given(how=st.one_of(BYTE_OPS, JSON_OPS))
+def test_signed_json_record_is_exact_or_rebuilt(tmp_path_factory, how):
+    """runio.write_json_cache / read_json_cache (minisd's report.json): a damaged or hand-edited record reads as None
+    (the stages are built again) with one line, and removed; an intact one reads back exactly, without its checksum."""
+    path = tmp_path_factory.mktemp("record") / "report.json"
+    record = {"classifier": {"heldout_accuracy": 0.93, "seconds": 1.5}, "guidance": {"chosen": 3.0, "rates": [0.1, 0.9]}}
+    runio.write_json_cache(record, path)
+    op, where, value = how
+    if op in ("truncate", "flip", "append", "empty"):
+        path.write_bytes(damage_bytes(path.read_bytes(), op, where, value))
+    else:
+        path.write_text(json.dumps(damage_json(json.loads(path.read_text()), op, where, value)))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        back = runio.read_json_cache(path, "every stage is built again")
+    if back is None:
+        assert one_line_error(err.getvalue()) and "is damaged" in err.getvalue() and not path.exists()
+    else:
+        assert back == record and err.getvalue() == ""
