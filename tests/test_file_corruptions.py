@@ -9,12 +9,14 @@ damage — of each kind of file:
     a LoRA folder                   sd.load_lora (shortft.json, the branch files, MANIFEST.json)
     the toy world's cache           toy.build_toy (runs/cache/base_*.safetensors, shortcut_*.safetensors)
     shortcut LoRA, classifier       shortcut.load_shortcut_lora, rewards.load_digit_classifier
+    records kept between calls      runio.read_json_cache (minisd's report.json)
 
 and asserts the one invariant: a correct result (the same weights as from the undamaged files, bit for bit) or one
 clear error (exit status 2, or a ValueError / FileNotFoundError of one line), never a traceback and never silently
 wrong data. Then the regression tests of two findings: a saved LoRA folder trusted blindly (NaN weights, unsorted or
 off-grid points, "timestep_aware": "false", too few adapters, a damaged shortft.json), and --resume over damaged run
-files (one bad metrics line, an RNG tensor of the wrong size or dtype, state.json missing a key, `update` edited).
+files (one bad metrics line, an RNG tensor of the wrong size or dtype, state.json missing a key, `update` edited),
+and the other files kept between calls: bench_minisd's bench.json, --tiny's model folders, minisd's stage folders.
 
 Notation: a damage is (file, operation, where, value); "resign" rewrites the checkpoint's manifest entry of a damaged
 file, as if the bytes had been damaged before the manifest was written.
