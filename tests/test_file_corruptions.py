@@ -75,7 +75,9 @@ def damage_bytes(data: bytes, op: str, where: float, value: int) -> bytes:
     return b""
 
 
-BYTE_OPS = st.tuples(st.sampled_from(["truncate", "flip", "append", "empty"]), st.floats(0, 1), st.integers(1, 255))
+FRACTION = st.integers(0, 1000).map(lambda i: i / 1000)  # where in a file; st.floats breaks once a module imported
+# by the suite (minisd.py) has set torch.set_flush_denormal(True): hypothesis then sees its smallest float as 0
+BYTE_OPS = st.tuples(st.sampled_from(["truncate", "flip", "append", "empty"]), FRACTION, st.integers(1, 255))
 RETYPES = [None, "x", True, [], {}, -1, "NaN", [1, "a"]]
 
 
@@ -114,9 +116,9 @@ def damage_json(obj, op: str, where: float, value: int):
     return obj
 
 
-JSON_OPS = st.tuples(st.sampled_from(["delete", "retype", "shuffle", "cut", "offgrid"]), st.floats(0, 1),
+JSON_OPS = st.tuples(st.sampled_from(["delete", "retype", "shuffle", "cut", "offgrid"]), FRACTION,
                      st.integers(0, 255))
-TENSOR_OPS = st.tuples(st.sampled_from(["nan", "huge", "dtype", "int", "shape", "delete", "extra"]), st.floats(0, 1),
+TENSOR_OPS = st.tuples(st.sampled_from(["nan", "huge", "dtype", "int", "shape", "delete", "extra"]), FRACTION,
                        st.integers(0, 255))
 
 
@@ -250,7 +252,7 @@ def run_damage(draw):
         file = draw(st.sampled_from(RUN_FILES))
         step = draw(st.sampled_from([3, 3, 2]))
         if file == "metrics.jsonl":
-            how = draw(st.one_of(st.tuples(st.just("line"), st.floats(0, 1), st.sampled_from(METRICS_LINES)), BYTE_OPS))
+            how = draw(st.one_of(st.tuples(st.just("line"), FRACTION, st.sampled_from(METRICS_LINES)), BYTE_OPS))
         elif file.endswith(".safetensors"):
             how = draw(st.one_of(BYTE_OPS, TENSOR_OPS))
         else:
@@ -402,7 +404,7 @@ def lora_damage(draw):
                                 + (["MANIFEST.json"] if keep else [])))
     if file.endswith(".safetensors"):
         ops = st.one_of(BYTE_OPS, TENSOR_OPS) if keep else st.one_of(
-            st.tuples(st.sampled_from(["truncate", "empty"]), st.floats(0, 1), st.integers(1, 255)),
+            st.tuples(st.sampled_from(["truncate", "empty"]), FRACTION, st.integers(1, 255)),
             TENSOR_OPS.filter(lambda h: h[0] != "dtype"))
     else:
         ops = st.one_of(BYTE_OPS, JSON_OPS) if keep else JSON_OPS
