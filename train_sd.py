@@ -297,13 +297,29 @@ def apply_tiny(args: Args, build: bool = True) -> Args:
     model, sc = (root / "sd3", root / "shortcut_sd3_lora.safetensors") if args.tiny_sd3 else \
         (root / "sd", root / "shortcut_lora.safetensors")
     if build:
-        (tiny.tiny_sd3 if args.tiny_sd3 else tiny.tiny_sd)(model)
-        if not (root / "clip" / "config.json").is_file():
-            tiny.tiny_clip(root / "clip")
+        tiny_part(model, "model_index.json", tiny.tiny_sd3 if args.tiny_sd3 else tiny.tiny_sd)
+        tiny_part(root / "clip", "config.json", tiny.tiny_clip)
         if not sc.is_file():
             tiny.tiny_shortcut_lora(sc, model / ("transformer" if args.tiny_sd3 else "unet"))
     tiny_files = dict(model=str(model), reward="clipscore", clip_model=str(root / "clip"), shortcut=str(sc))
     return dataclasses.replace(args, **{k: v for k, v in tiny_files.items() if not keep(k)})
+
+
+def tiny_part(path: Path, marker: str, build) -> None:
+    """A folder of --tiny's files, kept between runs: reused when whole — its MANIFEST.json matches every file, or,
+    built before manifests, it holds `marker` —, else built by `build(folder)` as a whole (runio.atomic_folder, with a
+    manifest); a damaged one is rebuilt with one line saying so (the build is seeded: the same files again)."""
+    if (path / "MANIFEST.json").is_file():
+        problem = runio.folder_problem(path)
+        if problem is None:
+            return
+        print(f"--tiny: {path} is damaged ({problem}): rebuilding it", file=sys.stderr)
+        shutil.rmtree(path)
+    elif (path / marker).is_file():
+        return
+    shutil.rmtree(path, ignore_errors=True)  # a build killed half-way
+    with runio.atomic_folder(path) as tmp:
+        build(tmp)
 
 
 def user_error(e: Exception) -> runio.RunError:
@@ -346,6 +362,7 @@ def main(args: Args) -> dict:
             runio.check_fresh(run_dir, "--name")
             runio.check_not_finished(run_dir, ("lora",), args.overwrite)
 
+    sd.launched_processes()  # a launch that started one process where several were asked for: one line, now
     # one writer per run folder (the main process holds the lock); the first SIGINT / SIGTERM stops after the update
     with runio.run_lock(run_dir / ".lock", check=checks, enabled=os.environ.get("RANK", "0") == "0"), \
             runio.graceful_stop():
@@ -562,10 +579,7 @@ def train(args: Args, world, run_dir: Path) -> dict:
                    "time/update_s": wall, "budget/spent": spent.of(args.budget_unit), "time/cpu_s": spent.cpu_seconds,
                    **({"compute/gflop": spent.gflop} if count_flops else {}),
                    "chain/grad_evals": shortft.chain_cost(chain)["grad"]}
-        stop = runio.stop_requested() is not None  # SIGINT / SIGTERM: checkpoint this update and stop
-        if accelerator.num_processes > 1:  # every process stops after the same update
-            stop = accelerator.reduce(torch.tensor([float(stop)], device=device), "sum").item() > 0
-        checkpoint = (args.save_every and step % args.save_every == 0) or progress() >= 1 or stop
+        checkpoint = (args.save_every and step % args.save_every == 0) or progress() >= 1
         if checkpoint:
             sd.check_processes_agree(accelerator, sd.lora_weights(net, names), step)
         if main_proc:  # the other processes go on to the next update and wait for this one in its all-reduce
@@ -576,12 +590,23 @@ def train(args: Args, world, run_dir: Path) -> dict:
                 last_eval = evaluate()
             if checkpoint:
                 save()
-        if stop:
+        stop = runio.stop_requested() is not None  # SIGINT / SIGTERM during this update or its bookkeeping
+        if accelerator.num_processes > 1:  # every process stops after the same update
+            stop = accelerator.reduce(torch.tensor([float(stop)], device=device), "sum").item() > 0
+        if stop:  # this update checkpointed, one line, exit 130 / 143
+            if not checkpoint:
+                sd.check_processes_agree(accelerator, sd.lora_weights(net, names), step)
+                if main_proc:
+                    save()
             accelerator.wait_for_everyone()  # the main process has written the checkpoint
+            bar.close()
             raise runio.interrupted(f"update {step} (checkpoint {run_dir / 'checkpoints' / f'step_{step:07d}'})",
                                     main_proc)
         watch, gflop = budget.Stopwatch(), 0.0
     bar.close()
+    if runio.stop_requested() is not None:  # signalled after the last update: its checkpoint is written
+        raise runio.interrupted(f"the last update ({spent.updates}; lora/ and the final evaluation not written)",
+                                main_proc)
     if main_proc:
         if last_eval is None or last_eval["update"] != spent.updates:
             last_eval = evaluate()

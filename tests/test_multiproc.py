@@ -201,8 +201,8 @@ def test_only_the_main_process_writes(two):
     for what in ("args.json", "metrics.jsonl", "step_0000002", "step_0000004", "lora", "eval_000004.png", "tiny/sd"):
         assert what in written, what
     run = two["run"]
-    assert sorted(p.name for p in run.iterdir()) == ["args.json", "checkpoints", "eval_000004.png", "lora",
-                                                    "metrics.jsonl", "tiny"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "args.json", "checkpoints", "eval_000004.png", "lora",
+                                                    "metrics.jsonl", "tiny"]  # .lock: the main process's run lock
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert all(runio.folder_problem(p, "state.json") is None for p in (run / "checkpoints").iterdir())
     assert runio.folder_problem(run / "lora") is None

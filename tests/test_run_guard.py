@@ -178,20 +178,27 @@ def test_max_skipped_stops_the_run(cache, tmp_path, capfd, monkeypatch):
     assert not (tmp_path / "skip" / "lora.safetensors").exists()
 
 
-def test_sd_probe_finds_a_huge_shortcut_and_compile_says_so(tmp_path, capfd, monkeypatch):
-    """train_sd.py --tiny with a shortcut LoRA scaled by 1e30 (finite, but its outputs overflow): one line naming the
-    shortcut before the first update; --compile on a CPU first says that compilation runs (torch.compile stubbed)."""
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """The files `train_sd.py --tiny --tiny-dir DIR` uses: a tiny SD1.5, a tiny CLIP, a stand-in shortcut LoRA."""
     import tiny
 
-    tiny.tiny_sd(tmp_path / "tiny" / "sd")
-    tiny.tiny_clip(tmp_path / "tiny" / "clip")
-    tiny.tiny_shortcut_lora(tmp_path / "sc.safetensors", tmp_path / "tiny" / "sd" / "unet")
-    w = load_file(str(tmp_path / "sc.safetensors"))
+    root = tmp_path_factory.mktemp("tiny")
+    tiny.tiny_sd(root / "sd")
+    tiny.tiny_clip(root / "clip")
+    tiny.tiny_shortcut_lora(root / "shortcut_lora.safetensors", root / "sd" / "unet")
+    return root
+
+
+def test_sd_probe_finds_a_huge_shortcut_and_compile_says_so(tiny_sd, tmp_path, capfd, monkeypatch):
+    """train_sd.py --tiny with a shortcut LoRA scaled by 1e30 (finite, but its outputs overflow): one line naming the
+    shortcut before the first update; --compile on a CPU first says that compilation runs (torch.compile stubbed)."""
+    w = load_file(str(tiny_sd / "shortcut_lora.safetensors"))
     save_file({k: v * 1e30 for k, v in w.items()}, str(tmp_path / "huge.safetensors"))
     monkeypatch.setattr(torch, "compile", lambda net: net)
     # the file check refuses such weights first (test_file_corruptions); lifted here, the probe is the one that speaks
     monkeypatch.setattr(runio.check_weights_finite, "__defaults__", (math.inf,))
-    argv = ["--tiny", "--tiny-dir", str(tmp_path / "tiny"), "--out-dir", str(tmp_path / "runs"), "--num-steps", "10",
+    argv = ["--tiny", "--tiny-dir", str(tiny_sd), "--out-dir", str(tmp_path / "runs"), "--num-steps", "10",
             "--lora-points", "701", "401", "201", "1", "--shortcut", str(tmp_path / "huge.safetensors"), "--compile"]
     capfd.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -257,10 +264,17 @@ def test_names_and_prompts_refused_up_front(script, argv, words, tmp_path, capfd
 # ----------------------------------------------------------------------------- interruptions
 
 
-def run_until(argv, flag: Path, update: int):
-    """A forked `train_toy.main(argv)` that touches `flag` once update `update` is logged (then goes on)."""
+def run_until(argv, flag: Path, update: int, main=train_toy.main):
+    """A forked `main(argv)` that touches `flag` once update `update` is logged (then goes on)."""
 
     def child():
+        import tqdm.auto
+
+        class Quiet(tqdm.auto.tqdm):  # stderr: only what the script says, not its progress bar
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **{**kw, "disable": True})
+
+        tqdm.auto.tqdm = Quiet
         log = runio.append_jsonl
 
         def logging(row, path):
@@ -270,7 +284,7 @@ def run_until(argv, flag: Path, update: int):
                 time.sleep(1.0)  # the signal arrives during this update's bookkeeping
 
         runio.append_jsonl = logging
-        train_toy.main(argv)
+        main(argv)
 
     proc = multiprocessing.get_context("fork").Process(target=child)
     proc.start()
@@ -310,6 +324,42 @@ def test_signal_checkpoints_says_resume_and_resumes_exactly(cache, reference, tm
     for f in ("lora.safetensors", "checkpoints/step_0000006/weights.safetensors",
               "checkpoints/step_0000006/optimizer.safetensors"):
         same_tensors(reference / f, tmp_path / "sig" / f)
+
+
+def test_sd_signal_checkpoints_says_resume_and_resumes_exactly(tiny_sd, tmp_path, capfd):
+    """train_sd.py --tiny: SIGTERM after update 2 of 4 (4 progressive stages, the only checkpoint at the end): update
+    2 finishes, checkpoint 2 is written, one line, exit 143; the printed --resume ends with the uninterrupted run's
+    final LoRA and checkpoint, bit for bit."""
+    base = ["--tiny", "--tiny-dir", str(tiny_sd), "--out-dir", str(tmp_path), "--num-steps", "10", "--lora-points",
+            "701", "401", "201", "1", "--steps", "4", "--save-every", "4", "--lr", "1e-2", "--eval-samples", "2",
+            "--eval-batch", "2"]
+    ENTRY["train_sd"](base + ["--name", "ref"])
+    capfd.readouterr()
+    proc = run_until(base + ["--name", "sig"], tmp_path / "flag", 2, ENTRY["train_sd"])
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(300)
+    err = capfd.readouterr().err
+    assert proc.exitcode == 143 and len(err.splitlines()) == 1 and "Traceback" not in err, (proc.exitcode, err)
+    assert err.startswith("train_sd.py: interrupted by SIGTERM: stopped after update 2 (checkpoint ") and \
+        err.rstrip().endswith("--name sig --resume"), err
+    assert runio.latest_checkpoint(tmp_path / "sig").name == "step_0000002"
+    ENTRY["train_sd"](base + ["--name", "sig", "--resume"])
+    for f in ["checkpoints/step_0000004/weights.safetensors"] + [f"lora/tuned_{i}.safetensors" for i in (1, 2, 3, 4)]:
+        same_tensors(tmp_path / "ref" / f, tmp_path / "sig" / f)
+
+
+def test_second_signal_stops_at_once():
+    """Inside graceful_stop the first SIGINT is only a request; a second one raises Interrupted (exit 130) at once."""
+    with runio.graceful_stop():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert runio.stop_requested() == signal.SIGINT
+        with pytest.raises(runio.Interrupted, match="SIGINT again: stopped at once; continue from the last checkpoint "
+                                                    "with: python ") as e:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        assert e.value.code == 130
+    assert runio.stop_requested() is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_out_of_disk_is_one_line_and_resumable(cache, reference, tmp_path, capfd, monkeypatch):
