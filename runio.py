@@ -863,11 +863,17 @@ def resume_command() -> str:
     return shlex.join(["python", script, *argv, "--resume"])
 
 
+REPEAT_S = 2.0
+"""A second SIGINT / SIGTERM stops at once only this many seconds after the first: torchrun passes the Ctrl-C that
+the terminal sent to every process on to its workers, which then see it twice within milliseconds."""
+
+
 @contextlib.contextmanager
 def graceful_stop() -> Iterator[None]:
     """Inside: the first SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop (`stop_requested`), so that the update
     in progress finishes and a checkpoint is written; a second one stops at once (`Interrupted`, the previous
-    checkpoint stays the newest complete one). Handlers are restored on exit; outside the main thread a no-op."""
+    checkpoint stays the newest complete one), if it comes more than REPEAT_S after the first. Handlers are restored on
+    exit; outside the main thread a no-op."""
     import signal
     import threading
 
@@ -876,10 +882,11 @@ def graceful_stop() -> Iterator[None]:
         return
 
     def handler(signum, frame):
-        if _STOP["signal"] is not None:
+        if _STOP["signal"] is None:
+            _STOP["signal"], _STOP["at"] = signum, time.monotonic()
+        elif time.monotonic() - _STOP["at"] > REPEAT_S:  # not the same Ctrl-C passed on by a launcher (torchrun)
             raise Interrupted(signum, f"{signal.Signals(signum).name} again: stopped at once; continue from the last "
                                       f"checkpoint with: {resume_command()}")
-        _STOP["signal"] = signum
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -349,11 +349,14 @@ def test_sd_signal_checkpoints_says_resume_and_resumes_exactly(tiny_sd, tmp_path
 
 
 def test_second_signal_stops_at_once():
-    """Inside graceful_stop the first SIGINT is only a request; a second one raises Interrupted (exit 130) at once."""
+    """Inside graceful_stop the first SIGINT is only a request (a repeat within REPEAT_S too: torchrun passes a Ctrl-C
+    on to workers that got it already); a later one raises Interrupted (exit 130) at once."""
     with runio.graceful_stop():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert runio.stop_requested() == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C passed on by a launcher: still only a request
+        time.sleep(runio.REPEAT_S + 0.1)
         with pytest.raises(runio.Interrupted, match="SIGINT again: stopped at once; continue from the last checkpoint "
                                                     "with: python ") as e:
             os.kill(os.getpid(), signal.SIGINT)
