@@ -165,17 +165,18 @@ def checkpoint(run: train_toy.Args, update: int) -> Path:
 
 
 def measure(args: BenchArgs, config: str, batches, reward_fn) -> dict:
-    """{stage: {point: per-batch gradient_bias rows}} of one method; stage 1 only for single-stage methods."""
+    """{stage: {point: per-batch gradient_bias rows}} of one method (every stage of its progressive training; stage 1
+    only for the baselines and without progressive training), the exact gradient computed once per batch and point."""
     run = run_args(args, config)
     grid, schedule = shortft.ddim_timesteps(toy.NUM_STEPS), shortft.make_schedule()
     points, aware = chain_args.layout(run, grid, schedule)
-    stages = range(1, (len(points) if points else 1) + 1) if run.progressive or not points else range(1, 2)
+    k = chain_args.num_stages(run, grid, schedule)
+    stages = range(1, k + 1)
     world = toy.build_toy(args, points, aware, run.lora_rank, run.lora_alpha, args.seed)
     init = world.tuned_state()
     draws = {s: measure_toy.method_draws(run.method, grid, chain_args.chain_switches(run, points, s), args.noise_draws)
              for s in stages}
     names = {s: [world.names[i] for i in shortft.trainable_loras(s, points, aware)] for s in stages}
-    k = chain_args.num_stages(run, grid, schedule)
     out = {s: {} for s in stages}
     active = {}
     for update in [0, *args.points]:
@@ -218,6 +219,11 @@ def pm(v, digits: int = 3) -> str:
     return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}"
 
 
+def pm_ratio(v) -> str:
+    """A norm ratio to 3 significant digits (they span 0.001 … 10)."""
+    return f"{v[0]:#.3g} ± {v[1]:#.2g}"
+
+
 def table_markdown(summary: dict, args: BenchArgs, wall: float, cpu: float) -> str:
     """The cosine table, the relative-norm table and the headline table, as Markdown."""
     cols = [0, *args.points]
@@ -242,8 +248,8 @@ def table_markdown(summary: dict, args: BenchArgs, wall: float, cpu: float) -> s
         cells = []
         for u in cols:
             c = s["points"][str(u)]
-            cells.append(f"{pm(c['draw_rel_norm'], 2)}" if c["draws"] == 1 else
-                         f"{pm(c['draw_rel_norm'], 2)}; E {pm(c['mean_rel_norm'], 2)}")
+            cells.append(f"{pm_ratio(c['draw_rel_norm'])}" if c["draws"] == 1 else
+                         f"{pm_ratio(c['draw_rel_norm'])}; E {pm_ratio(c['mean_rel_norm'])}")
         lines.append(f"| {row} | {s['draws']} | " + " | ".join(cells) + " |")
     first, last = str(cols[0]), str(cols[-1])
     lines += ["", f"**Headline** (cos(g, g*) of one draw / of the expectation; biased: E mean + std < {BIASED_BELOW}; "
@@ -274,12 +280,13 @@ def plot(summary: dict, args: BenchArgs, path: Path) -> None:
         for ax, key in zip(axes, ("draw_cos", "mean_cos", "mean_rel_norm")):
             m = [summary[r]["points"][str(u)][key][0] for r in rows]
             e = [summary[r]["points"][str(u)][key][1] for r in rows]
-            ax.errorbar(m, y, xerr=e, fmt="o", ms=3.5, lw=1, capsize=2, color=f"C{j}", label=label)
+            low = [min(s, 0.9 * v) if key == "mean_rel_norm" else s for v, s in zip(m, e)]  # a log axis has no 0
+            ax.errorbar(m, y, xerr=[low, e], fmt="o", ms=3.5, lw=1, capsize=2, color=f"C{j}", label=label)
     axes[0].set_yticks(range(len(rows)), rows, fontsize=8)
     axes[0].invert_yaxis()
     axes[0].set(xlabel="cos(g_one draw, g*)", title="one draw (mean ± std over draws and batches)")
     axes[1].set(xlabel="cos(E g, g*)", title="expectation over draws (± std over batches)")
-    axes[2].set(xlabel="‖E g‖ / ‖g*‖", xscale="log", title="relative norm of the expectation")
+    axes[2].set(xlabel="‖E g‖ / ‖g*‖", xscale="log", title="relative norm of the expectation (− std cut at 0.1×)")
     for ax in axes[:2]:
         ax.axvline(1.0, c="gray", lw=0.8, ls=":")
         ax.set_xlim(min(-0.2, ax.get_xlim()[0]), 1.05)
@@ -293,7 +300,14 @@ def plot(summary: dict, args: BenchArgs, path: Path) -> None:
 
 
 def bench(args: BenchArgs) -> dict:
-    """Train, measure and write every output of the module docstring; returns metrics.json's content."""
+    """Train, measure and write every output of the module docstring; returns metrics.json's content. The output
+    folder is locked while the benchmark runs (one writer)."""
+    with runio.run_lock(Path(args.out_dir) / args.name / ".lock", "benchmark folder"):
+        return run_bench(args)
+
+
+def run_bench(args: BenchArgs) -> dict:
+    """`bench` in its locked output folder."""
     torch.set_num_threads(args.threads)
     w0, c0 = time.perf_counter(), time.process_time()
     out = Path(args.out_dir) / args.name

@@ -94,9 +94,10 @@ class Args:
     """Train every variant with train_sd.py on the miniature SD at equal GFLOP, 3 seeds; tabulate and plot."""
 
     minisd: str = "runs/minisd"
-    """minisd.py's output folder (pipeline/, shortcut/, classifier.safetensors, report.json)"""
-    out: str = "runs/minisd-bench"
-    """output folder"""
+    """minisd.py's output folder (pipeline/, shortcut/, classifier.safetensors, report.json), or minisd3.py's
+    (runs/minisd3: the miniature SD3, read from its model_index.json; trained with --t5-tokens 0, as it was built)"""
+    out: str = ""
+    """output folder (empty: <minisd>-bench, e.g. runs/minisd-bench, runs/minisd3-bench)"""
     variants: list[str] = field(default_factory=lambda: list(LONG_RUN))
     """variants to run (names of VARIANTS)"""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -127,6 +128,8 @@ class Args:
     """"GFLOP to target": target = base + fraction × (best final reward − base)"""
     workers: int = 1
     """train_sd.py processes at once (one thread each)"""
+    plan_only: bool = False
+    """stop after the plan: print each run's GFLOP and updates and the estimated CPU-seconds, train nothing"""
 
 
 def check_args(args: Args) -> None:
@@ -148,6 +151,21 @@ def check_args(args: Args) -> None:
     runio.require_range("evals", args.evals, 1, 100)
     runio.require_range("fraction", args.fraction, 0, 1, low_open=True)
     runio.require_range("workers", args.workers, 1, 16)
+
+
+def is_sd3(args: Args) -> bool:
+    """Whether --minisd is the miniature SD3 (minisd3.py's StableDiffusion3Pipeline folder)."""
+    index = json.loads((Path(args.minisd) / "pipeline" / "model_index.json").read_text())
+    return index.get("_class_name") == "StableDiffusion3Pipeline"
+
+
+def out_dir(args: Args) -> Path:
+    return Path(args.out or f"{Path(args.minisd)}-bench")
+
+
+def sampler_name(args: Args) -> str:
+    """The held-out sampler of train_sd.py's evaluation on this world (its training grid, with CFG)."""
+    return "28-step Euler + CFG" if is_sd3(args) else "50-step DDIM + CFG"
 
 
 def guidance(args: Args) -> float:
@@ -182,54 +200,74 @@ def command(args: Args, variant: str, seed: int, folder: Path, name: str, budget
             "--steps", str(steps), "--budget", str(budget), "--budget-unit", args.budget_unit,
             "--train-prompts", "prompts/digits_train.txt", "--eval-prompts", args.eval_prompts,
             "--eval-samples", str(n), "--eval-batch", str(min(n, args.eval_batch)), "--eval-every", str(eval_every),
-            "--save-every", "0", "--seed", str(seed), "--out-dir", str(folder), "--name", name, *VARIANTS[variant]]
+            "--save-every", "0", "--seed", str(seed), "--out-dir", str(folder), "--name", name,
+            *(["--t5-tokens", "0"] if is_sd3(args) else []), *VARIANTS[variant]]
 
 
-def train(cmd: list[str], run_dir: Path) -> tuple[list[dict], float]:
+def train(cmd: list[str], run_dir: Path) -> tuple[list[dict], float, float]:
     """Run one train_sd.py command in a fresh folder, or reuse the folder if it holds a finished run of the same
-    command (bench.json, written last). Returns its metrics rows and wall-seconds."""
+    command (bench.json, written last). Returns its metrics rows, wall-seconds and the process's CPU-seconds (all of
+    it: start-up, updates, evaluations; os.wait4's rusage)."""
     done, metrics = run_dir / "bench.json", run_dir / "metrics.jsonl"
     old = runio.read_json_cache(done, "the run is made again")
     if isinstance(old, dict) and old.get("command") == cmd[1:]:
-        if old.get("metrics_sha256") == (runio.file_sha256(metrics) if metrics.is_file() else None) \
-                and isinstance(old.get("wall_s"), (int, float)):
-            return runio.read_jsonl(metrics), old["wall_s"]
+        sha = runio.file_sha256(metrics) if metrics.is_file() else None  # records without a checksum: trusted
+        if sha is not None and old.get("metrics_sha256", sha) == sha and isinstance(old.get("wall_s"), (int, float)):
+            return runio.read_jsonl(metrics), old["wall_s"], old.get("process_cpu_s", float("nan"))
         print(f"{run_dir}: its metrics.jsonl or bench.json changed after the run finished: the run is made again",
               file=sys.stderr)
     shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall, cpu = time.perf_counter() - t0, usage.ru_utime + usage.ru_stime
     if proc.returncode:
-        raise runio.RunError(f"{run_dir.name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    runio.write_json({"command": cmd[1:], "wall_s": wall, "metrics_sha256": runio.file_sha256(metrics)}, done)
-    return runio.read_jsonl(run_dir / "metrics.jsonl"), wall
+        lines = (run_dir.parent / f"{run_dir.name}.log").read_text().strip().splitlines() or ["?"]
+        raise runio.RunError(f"{run_dir.name} failed: {lines[-1]}")
+    runio.write_json({"command": cmd[1:], "wall_s": wall, "process_cpu_s": cpu,
+                      "metrics_sha256": runio.file_sha256(metrics)}, done)
+    return runio.read_jsonl(metrics), wall, cpu
 
 
 # ----------------------------------------------------------------------------- plan
 
 
 def plan(args: Args) -> dict:
-    """Per variant: the compute of one update in each progressive stage (one short run, an update per stage; 8
-    updates for the random chains), the updates the budget buys (each stage gets an equal share of it) and the
-    --eval-every that gives about `evals` evaluations. Only meaningful when the budget is in GFLOP (deterministic);
-    in other units the plan's numbers are this machine's at this moment."""
-    out = {}
+    """Per variant: the compute of one update in each progressive stage (one short run, two updates per stage; 8
+    updates for the random chains), the updates the budget buys (each stage gets an equal share of it), the
+    --eval-every that gives about `evals` evaluations, and this machine's CPU-seconds per update (each stage's last
+    update: its first also counts its FLOPs by a dry run) and per held-out evaluation, hence an estimate of the
+    bench's CPU-seconds. GFLOP are deterministic, CPU-seconds are this machine's at this moment; no reward is read."""
+    out, folder = {}, out_dir(args) / "plan"
     for v in args.variants:
         stages = STAGES.get(v, 1)
-        steps = 8 if v in RANDOM_CHAINS else stages
-        cmd = command(args, v, 0, Path(args.out) / "plan", v, 1e12, steps=steps, eval_samples=1)
-        rows, _ = train(cmd, Path(args.out) / "plan" / v)
-        per, before = {}, 0.0
+        steps = 8 if v in RANDOM_CHAINS else 2 * stages
+        rows, _, cpu = train(command(args, v, 0, folder, v, 1e12, steps=steps, eval_samples=1), folder / v)
+        per, cpu_per, before, cpu_before = {}, {}, 0.0, 0.0
         for r in (r for r in rows if "loss" in r):
             per.setdefault(r["stage"], []).append(r["budget/spent"] - before)
-            before = r["budget/spent"]
+            cpu_per.setdefault(r["stage"], []).append(r["time/cpu_s"] - cpu_before)
+            before, cpu_before = r["budget/spent"], r["time/cpu_s"]
         cost = {s: statistics.fmean(c) for s, c in per.items()}
+        cpu_update = {s: (c[-1] if v not in RANDOM_CHAINS else statistics.fmean(c)) for s, c in cpu_per.items()}
         updates = {s: math.ceil(args.budget / len(cost) / c) for s, c in cost.items()}
         total = sum(updates.values())
-        out[v] = {"per_update": cost, "updates": updates, "total_updates": total,
-                  "eval_every": max(1, round(total / args.evals))}
+        out[v] = {"per_update": cost, "cpu_s_per_update": cpu_update, "updates": updates, "total_updates": total,
+                  "eval_every": max(1, round(total / args.evals)), "plan_process_cpu_s": cpu,
+                  "update_cpu_s": sum(updates[s] * cpu_update[s] for s in updates)}
+    # one held-out evaluation of n samples: a run of one update evaluated at its end (base + tuned: two sampler
+    # passes), against the same run with one sample
+    v = args.variants[0]
+    _, _, small = train(command(args, v, 0, folder, "eval-1", 1e12, steps=1, eval_samples=1), folder / "eval-1")
+    _, _, big = train(command(args, v, 0, folder, "eval-n", 1e12, steps=1), folder / "eval-n")
+    pass_cpu = max(0.0, big - small) / 2
+    per_run = {x: p["update_cpu_s"] + (args.evals + 1) * pass_cpu + small for x, p in out.items()}
+    out["cost"] = {"eval_pass_cpu_s": pass_cpu, "startup_cpu_s": small, "run_cpu_s": per_run,
+                   "bench_cpu_s": len(args.seeds) * sum(per_run.values())}
     return out
 
 
@@ -239,9 +277,9 @@ def plan(args: Args) -> dict:
 def run_one(args: Args, variant: str, seed: int, eval_every: int) -> dict:
     """One train_sd.py run of the bench; its numbers and curves."""
     name = f"{variant}-s{seed}"
-    run_dir = Path(args.out) / "runs" / name
-    rows, wall = train(command(args, variant, seed, Path(args.out) / "runs", name, args.budget,
-                               eval_every=eval_every), run_dir)
+    run_dir = out_dir(args) / "runs" / name
+    rows, wall, process_cpu = train(command(args, variant, seed, out_dir(args) / "runs", name, args.budget,
+                                            eval_every=eval_every), run_dir)
     updates = [r for r in rows if "loss" in r]
     at = {r["update"]: r for r in updates}
     evals = [r for r in rows if "eval/reward_mean" in r]
@@ -253,6 +291,7 @@ def run_one(args: Args, variant: str, seed: int, eval_every: int) -> dict:
         "eval_se": final["eval/reward_std"] / math.sqrt(n), "updates": len(updates),
         "stage_updates": {s: sum(r["stage"] == s for r in updates) for s in sorted({r["stage"] for r in updates})},
         "spent": updates[-1]["budget/spent"], "cpu_s": updates[-1]["time/cpu_s"], "wall_s": wall,
+        "process_cpu_s": process_cpu,
         "held_out": [(0.0, base)] + [(at[e["update"]]["budget/spent"], e["eval/reward_mean"]) for e in evals],
         "train": [(r["budget/spent"], r["reward/train"], r["stage"]) for r in updates],
     }
@@ -411,22 +450,28 @@ def before_after(args: Args, out: Path, columns: int = 20) -> None:
 def main(args: Args) -> dict:
     """The benchmark (module docstring), its output folder locked while it runs (one writer)."""
     check_args(args)
-    with runio.run_lock(Path(args.out) / ".lock", "benchmark folder"):
+    with runio.run_lock(out_dir(args) / ".lock", "benchmark folder"):
         return run(args)
 
 
 def run(args: Args) -> dict:
     """`main` with checked arguments, in its locked output folder."""
-    out = Path(args.out)
+    out = out_dir(args)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     w = guidance(args)
     t0, load0, clock0 = time.perf_counter(), os.getloadavg(), time.strftime("%Y-%m-%d %H:%M")
     print(f"plan: one short train_sd.py run per variant ({', '.join(args.variants)})", flush=True)
     steps = plan(args)
     runio.write_json(steps, out / "plan.json")
-    for v, p in steps.items():
-        print(f"  {v:27s} " + ", ".join(f"stage {s}: {c:.2f} {unit_name(args)}/update → {p['updates'][s]} updates"
-                                         for s, c in p["per_update"].items()), flush=True)
+    for v in args.variants:
+        p = steps[v]
+        print(f"  {v:27s} " + ", ".join(f"stage {s}: {c:.2f} {unit_name(args)}/update ({p['cpu_s_per_update'][s]:.2f}"
+                                         f" CPU-s) → {p['updates'][s]} updates" for s, c in p["per_update"].items())
+              + f"; ≈ {steps['cost']['run_cpu_s'][v]:.0f} CPU-s per run", flush=True)
+    print(f"  one held-out pass of {args.eval_samples} samples ≈ {steps['cost']['eval_pass_cpu_s']:.0f} CPU-s, "
+          f"{args.evals + 1} per run; the bench ≈ {steps['cost']['bench_cpu_s'] / 3600:.2f} CPU-hours", flush=True)
+    if args.plan_only:
+        return steps
     jobs = [(v, s) for s in args.seeds for v in args.variants]
     print(f"{len(jobs)} runs of train_sd.py, {args.budget:g} {unit_name(args)} of updates each, CFG {w}, "
           f"{args.workers} at once", flush=True)
@@ -438,7 +483,7 @@ def run(args: Args) -> dict:
     plot(args, runs, out / "reward_vs_gflop.png")
     settings = (f"reward `{args.reward}`, CFG {w}, LoRA rank {args.lora_rank}, lr {args.lr}, batch {args.batch_size}, "
                 f"{args.budget:g} {unit_name(args)} of updates per run, seeds {args.seeds}, held-out {args.eval_samples} "
-                f"samples ({args.eval_prompts}, 50-step DDIM, fixed seeds), {args.evals} evaluations per run; "
+                f"samples ({args.eval_prompts}, {sampler_name(args)}, fixed seeds), {args.evals} evaluations per run; "
                 f"base held-out reward {summary['base']:.4f}; target = base + {args.fraction} × (best − base). "
                 f"Benchmark started {clock0}, {wall:.0f} s wall with {args.workers} process(es) on "
                 f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), load average "

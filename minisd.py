@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -173,12 +172,25 @@ def adam_steps(params, steps: int, lr: float, loss_fn, desc: str) -> list[float]
 
 
 def save_folder(write, path: Path) -> None:
-    """write(temporary folder), then move it to `path`: a folder is either complete or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    """write(temporary folder), then swap it in as `path` with a MANIFEST.json (runio.atomic_folder): a folder is
+    either complete or absent, and a file damaged later is seen (`damaged_stage`)."""
+    with runio.atomic_folder(path) as tmp:
+        write(tmp)
+
+
+def damaged_stage(out: Path, files) -> str | None:
+    """Why one of a stage's saved `files` is damaged (one line), or None: each is checked against the MANIFEST.json of
+    the nearest folder above it, inside `out`, that has one (folders written before manifests are not checked)."""
+    for f in files:
+        for folder in [f] + list(f.parents):
+            if folder == out.parent or out not in [folder, *folder.parents]:
+                break
+            if (folder / "MANIFEST.json").is_file():
+                problem = runio.folder_problem(folder)
+                if problem is not None:
+                    return f"{folder}: {problem}"
+                break
+    return None
 
 
 # ----------------------------------------------------------------------------- stages
@@ -498,7 +510,10 @@ def build(args: Args) -> dict:
     def todo(key: str, *files: Path) -> bool:
         """Whether stage `key` is built now: its files or numbers are missing, or an earlier stage was rebuilt."""
         nonlocal rebuild
-        rebuild = rebuild or key not in report or not all(f.exists() for f in files)
+        problem = damaged_stage(out, files) if not rebuild and key in report else None
+        if problem:
+            print(f"--- {key}: damaged ({problem}): building it again", file=sys.stderr)
+        rebuild = rebuild or key not in report or not all(f.exists() for f in files) or problem is not None
         print(f"--- {key}: " + ("build" if rebuild else "reuse"))
         clock[key] = time.perf_counter()
         return rebuild

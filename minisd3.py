@@ -460,7 +460,10 @@ def main(args: Args) -> dict:
     def todo(key: str, *files: Path) -> bool:
         """Whether stage `key` is built now: its files or numbers are missing, or an earlier stage was rebuilt."""
         nonlocal rebuild
-        rebuild = rebuild or key not in report or not all(f.exists() for f in files)
+        problem = minisd.damaged_stage(out, files) if not rebuild and key in report else None
+        if problem:
+            print(f"--- {key}: damaged ({problem}): building it again", file=sys.stderr)
+        rebuild = rebuild or key not in report or not all(f.exists() for f in files) or problem is not None
         print(f"--- {key}: " + ("build" if rebuild else "reuse"))
         clock[key] = (time.perf_counter(), time.process_time())
         return rebuild

@@ -795,6 +795,9 @@ def check_resume(run_dir: str | Path, args: Any, keys: Iterable[str]) -> Path:
         raise RunError(f"--resume: nothing to resume, {run_dir / 'checkpoints'} holds no complete checkpoint: "
                        "drop --resume to start a new run")
     saved = _read_json(run_dir / "args.json", "the settings of its checkpoints are unknown; start a new run")
+    if not isinstance(saved, dict):
+        raise RunError(f"{run_dir / 'args.json'} holds no JSON object: the settings of its checkpoints are unknown; "
+                       "start a new run")
     check_settings(saved, args, keys, str(run_dir))
     return ckpt
 

@@ -297,13 +297,29 @@ def apply_tiny(args: Args, build: bool = True) -> Args:
     model, sc = (root / "sd3", root / "shortcut_sd3_lora.safetensors") if args.tiny_sd3 else \
         (root / "sd", root / "shortcut_lora.safetensors")
     if build:
-        (tiny.tiny_sd3 if args.tiny_sd3 else tiny.tiny_sd)(model)
-        if not (root / "clip" / "config.json").is_file():
-            tiny.tiny_clip(root / "clip")
+        tiny_part(model, "model_index.json", tiny.tiny_sd3 if args.tiny_sd3 else tiny.tiny_sd)
+        tiny_part(root / "clip", "config.json", tiny.tiny_clip)
         if not sc.is_file():
             tiny.tiny_shortcut_lora(sc, model / ("transformer" if args.tiny_sd3 else "unet"))
     tiny_files = dict(model=str(model), reward="clipscore", clip_model=str(root / "clip"), shortcut=str(sc))
     return dataclasses.replace(args, **{k: v for k, v in tiny_files.items() if not keep(k)})
+
+
+def tiny_part(path: Path, marker: str, build) -> None:
+    """A folder of --tiny's files, kept between runs: reused when whole — its MANIFEST.json matches every file, or,
+    built before manifests, it holds `marker` —, else built by `build(folder)` as a whole (runio.atomic_folder, with a
+    manifest); a damaged one is rebuilt with one line saying so (the build is seeded: the same files again)."""
+    if (path / "MANIFEST.json").is_file():
+        problem = runio.folder_problem(path)
+        if problem is None:
+            return
+        print(f"--tiny: {path} is damaged ({problem}): rebuilding it", file=sys.stderr)
+        shutil.rmtree(path)
+    elif (path / marker).is_file():
+        return
+    shutil.rmtree(path, ignore_errors=True)  # a build killed half-way
+    with runio.atomic_folder(path) as tmp:
+        build(tmp)
 
 
 def user_error(e: Exception) -> runio.RunError:

@@ -38,7 +38,8 @@ class Args(toy.WorldArgs, chain_args.ChainArgs):
     """Fine-tune the 2D toy diffusion with one reward-backpropagation method (ShortFT or a baseline)."""
 
     name: str = ""
-    """run folder: <out-dir>/<name>/ (args.json, metrics.jsonl, checkpoints/, lora.safetensors); empty: toy-<method>.
+    """run folder: <out-dir>/<name>/ (args.json, metrics.jsonl, checkpoints/, lora.safetensors, summary.json); empty:
+    toy-<method>.
     A new run refuses a folder that holds another run's checkpoints (--resume it, or choose another name)"""
     out_dir: str = "runs"
     """parent of run folders"""
@@ -181,6 +182,7 @@ def _train(args: Args, log, run_dir: Path) -> dict:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         for old in ("metrics.jsonl", "lora.safetensors"):
             (run_dir / old).unlink(missing_ok=True)
+    (run_dir / "summary.json").unlink(missing_ok=True)  # written again when this run finishes
     runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
     base_reward = reward_fn(toy.sample(world, x_eval, c_eval, shortft.BASE), c_eval).mean().item()
     grad_evals = {s: shortft.chain_cost(shortft.make_chain(args.method, grid, random.Random(0),
@@ -258,9 +260,11 @@ def _train(args: Args, log, run_dir: Path) -> dict:
                        {"points": str(list(points or [])), "timestep_aware": str(aware), "names": ",".join(names)})
     rows = [row for row in runio.read_jsonl(run_dir / "metrics.jsonl") if "eval/reward_mean" in row]
     n = max(spent.updates, 1)
-    return {"final": rows[-1], "updates": spent.updates, "spent": dataclasses.asdict(spent), "skipped": state["skipped"],
-            "per_update": {u: spent.of(u) / n for u in budget.UNITS if u != "updates"}, "evals": rows,
-            "run_dir": str(run_dir)}
+    summary = {"final": rows[-1], "updates": spent.updates, "spent": dataclasses.asdict(spent),
+               "skipped": state["skipped"], "per_update": {u: spent.of(u) / n for u in budget.UNITS if u != "updates"},
+               "evals": rows, "run_dir": str(run_dir)}
+    runio.write_json(summary, run_dir / "summary.json")  # last: its presence marks a finished run
+    return summary
 
 
 def run_folder(args: Args) -> Path:

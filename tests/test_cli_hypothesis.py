@@ -2,7 +2,7 @@
 exit status 2, or starts correctly; never a traceback.
 
 Not part of the paper's method: the robustness contract of docs/robustness.md, for the arguments nobody has listed.
-hypothesis draws, for each script (train_toy.py, train_sd.py, bench_toy.py, bench_sd.py, minisd.py, bench_minisd.py),
+hypothesis draws, for each script (train_toy.py, train_sd.py, bench_toy.py, bench_bias.py, bench_sd.py, minisd.py, bench_minisd.py),
 a few of its flags with values of their type and of other types (0, negatives, huge, nan, inf, text, '~', '..',
 names over 255 bytes, empty lists), appended to a small valid command line. The script runs in process, through what
 its __main__ runs (argument parsing, the checks, the resume / fresh-folder checks, the run folder's lock), up to the
@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import bench_bias
 import bench_minisd
 import bench_sd
 import bench_toy
@@ -45,6 +46,7 @@ SCRIPTS = {
     "train_sd": (train_sd.Args, lambda argv: runio.cli(train_sd.main, train_sd.Args, train_sd.check_args, argv),
                  (train_sd, "train"), ["--tiny", "--out-dir", "runs"]),
     "bench_toy": (bench_toy.BenchArgs, bench_toy.main, (bench_toy, "run_bench"), ["--out-dir", "runs"]),
+    "bench_bias": (bench_bias.BenchArgs, bench_bias.main, (bench_bias, "run_bench"), ["--out-dir", "runs"]),
     "bench_sd": (bench_sd.Args, lambda argv: runio.cli(bench_sd.main, bench_sd.Args, bench_sd.check_args, argv),
                  (bench_sd, "run"), ["--tiny", "--device", "cpu", "--out", "bench/b"]),
     "minisd": (minisd.Args, lambda argv: runio.cli(minisd.main, minisd.Args, minisd.check_args, argv),
