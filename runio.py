@@ -946,13 +946,19 @@ def run_lock(lock: str | Path, what: str = "run folder", check: Callable[[], Any
         except filelock.Timeout:
             raise RunError(f"{lock.parent} is in use by {_lock_owner(lock)}: this {what} has one writer at a time; "
                            "wait for it to end (or stop it), or choose another name") from None
+        except OSError as e:  # a read-only folder, a file where the folder should be
+            raise RunError(f"cannot lock {lock} ({e.strerror or _one_line(e)}): choose a writable folder") from None
 
     if lock.exists():
         take()  # the holder of a live run is named before anything else is said about the folder
     try:
         check()
         if not held.is_locked:
-            lock.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunError(f"cannot create {lock.parent} ({e.strerror or _one_line(e)}): choose a writable "
+                               "folder") from None
             take()
             check()
         write_json({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),

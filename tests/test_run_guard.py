@@ -107,6 +107,24 @@ def test_run_lock_in_process_and_released(tmp_path):
         pass
 
 
+def test_an_unwritable_run_folder_is_one_line(tmp_path):
+    """A run folder that cannot be created (a file in its path) or locked (a read-only folder) is a RunError."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(runio.RunError, match=r"cannot create .*file.*: choose a writable folder"):
+        with runio.run_lock(tmp_path / "file" / "run" / ".lock"):
+            pass
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("running as a user that writes anywhere (root)")
+        with pytest.raises(runio.RunError, match=r"cannot (lock|create) .*: choose a writable folder"):
+            with runio.run_lock(tmp_path / "ro" / "run" / ".lock"):
+                pass
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
 def test_a_refused_check_leaves_nothing_behind(tmp_path):
     with pytest.raises(runio.RunError, match="nothing"):
         with runio.run_lock(tmp_path / "new" / ".lock", check=lambda: runio.check_resume(tmp_path / "new", {}, [])):
