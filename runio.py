@@ -201,10 +201,9 @@ def cli(main: Callable[[Any], Any], cls, check: Callable[[Any], None] | None = N
 
     script = Path(sys.argv[0]).name if main.__module__ == "__main__" else main.__module__ + ".py"
     _STOP["command"] = (script, list(sys.argv[1:] if argv is None else argv))
-    args = parse_args(cls, argv, check)
-    prog = script
+    prog, resumable = script, any(f.name == "resume" for f in dataclasses.fields(cls))
     try:
-        return main(args)
+        return main(parse_args(cls, argv, check))
     except Interrupted as e:  # SIGINT / SIGTERM: one line (the resume command), exit 130 / 143
         if str(e):
             print(f"{prog}: interrupted by {e}", file=sys.stderr)
@@ -221,8 +220,9 @@ def cli(main: Callable[[Any], Any], cls, check: Callable[[Any], None] | None = N
             raise SystemExit(2) from None
         if not disk_full(e):
             raise
-        print(f"{prog}: error: no space left on the device ({_one_line(e)}): free some space; the last complete "
-              f"checkpoint is intact, continue with: {resume_command()}", file=sys.stderr)
+        then = f"the last complete checkpoint is intact, continue with: {resume_command()}" if resumable else \
+            "then run the command again"
+        print(f"{prog}: error: no space left on the device ({_one_line(e)}): free some space; {then}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -405,13 +405,22 @@ def test_out_of_disk_is_one_line_and_resumable(cache, reference, tmp_path, capfd
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line(capfd):
-    """A script interrupted where no update runs (a benchmark, a build): one line, exit 130."""
+    """A script interrupted where no update runs (a benchmark, a build, the argument checks): one line, exit 130; a
+    full disk there says to run the command again (a benchmark has no --resume)."""
+    import bench_sd
 
-    def main(args):
+    def interrupt(*args):
         raise KeyboardInterrupt
 
-    err = one_line(capfd, 130, runio.cli, main, train_toy.Args, None, [])
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    err = one_line(capfd, 130, runio.cli, interrupt, train_toy.Args, None, [])
     assert err.endswith("interrupted by SIGINT\n")
+    assert one_line(capfd, 130, runio.cli, lambda a: None, train_toy.Args, interrupt, []).endswith("by SIGINT\n")
+    err = one_line(capfd, 2, runio.cli, full, bench_sd.Args, None, [])
+    assert err.endswith("no space left on the device ([Errno 28] No space left on device): free some space; then run "
+                        "the command again\n"), err
 
 
 # ----------------------------------------------------------------------------- library functions copied elsewhere
