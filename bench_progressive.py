@@ -141,7 +141,14 @@ def train_inference_gap(run: train_toy.Args, x_T: torch.Tensor, cond: torch.Tens
 
 
 def bench(args: Args) -> dict:
-    """Every step of the module docstring; returns metrics.json's content."""
+    """Every step of the module docstring; returns metrics.json's content. The output folder is locked while the
+    benchmark runs (one writer)."""
+    with runio.run_lock(Path(args.out_dir) / args.name / ".lock", "benchmark folder"):
+        return run_bench(args)
+
+
+def run_bench(args: Args) -> dict:
+    """`bench` in its locked output folder."""
     torch.set_num_threads(args.threads)
     out = Path(args.out_dir) / args.name
     out.mkdir(parents=True, exist_ok=True)

@@ -201,10 +201,9 @@ def cli(main: Callable[[Any], Any], cls, check: Callable[[Any], None] | None = N
 
     script = Path(sys.argv[0]).name if main.__module__ == "__main__" else main.__module__ + ".py"
     _STOP["command"] = (script, list(sys.argv[1:] if argv is None else argv))
-    args = parse_args(cls, argv, check)
-    prog = script
+    prog, resumable = script, any(f.name == "resume" for f in dataclasses.fields(cls))
     try:
-        return main(args)
+        return main(parse_args(cls, argv, check))
     except Interrupted as e:  # SIGINT / SIGTERM: one line (the resume command), exit 130 / 143
         if str(e):
             print(f"{prog}: interrupted by {e}", file=sys.stderr)
@@ -221,8 +220,9 @@ def cli(main: Callable[[Any], Any], cls, check: Callable[[Any], None] | None = N
             raise SystemExit(2) from None
         if not disk_full(e):
             raise
-        print(f"{prog}: error: no space left on the device ({_one_line(e)}): free some space; the last complete "
-              f"checkpoint is intact, continue with: {resume_command()}", file=sys.stderr)
+        then = f"the last complete checkpoint is intact, continue with: {resume_command()}" if resumable else \
+            "then run the command again"
+        print(f"{prog}: error: no space left on the device ({_one_line(e)}): free some space; {then}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -877,11 +877,17 @@ def resume_command() -> str:
     return shlex.join(["python", script, *argv, "--resume"])
 
 
+REPEAT_S = 2.0
+"""A second SIGINT / SIGTERM stops at once only this many seconds after the first: torchrun passes the Ctrl-C that
+the terminal sent to every process on to its workers, which then see it twice within milliseconds."""
+
+
 @contextlib.contextmanager
 def graceful_stop() -> Iterator[None]:
     """Inside: the first SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop (`stop_requested`), so that the update
     in progress finishes and a checkpoint is written; a second one stops at once (`Interrupted`, the previous
-    checkpoint stays the newest complete one). Handlers are restored on exit; outside the main thread a no-op."""
+    checkpoint stays the newest complete one), if it comes more than REPEAT_S after the first. Handlers are restored on
+    exit; outside the main thread a no-op."""
     import signal
     import threading
 
@@ -890,10 +896,11 @@ def graceful_stop() -> Iterator[None]:
         return
 
     def handler(signum, frame):
-        if _STOP["signal"] is not None:
+        if _STOP["signal"] is None:
+            _STOP["signal"], _STOP["at"] = signum, time.monotonic()
+        elif time.monotonic() - _STOP["at"] > REPEAT_S:  # not the same Ctrl-C passed on by a launcher (torchrun)
             raise Interrupted(signum, f"{signal.Signals(signum).name} again: stopped at once; continue from the last "
                                       f"checkpoint with: {resume_command()}")
-        _STOP["signal"] = signum
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -950,13 +957,19 @@ def run_lock(lock: str | Path, what: str = "run folder", check: Callable[[], Any
         except filelock.Timeout:
             raise RunError(f"{lock.parent} is in use by {_lock_owner(lock)}: this {what} has one writer at a time; "
                            "wait for it to end (or stop it), or choose another name") from None
+        except OSError as e:  # a read-only folder, a file where the folder should be
+            raise RunError(f"cannot lock {lock} ({e.strerror or _one_line(e)}): choose a writable folder") from None
 
     if lock.exists():
         take()  # the holder of a live run is named before anything else is said about the folder
     try:
         check()
         if not held.is_locked:
-            lock.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunError(f"cannot create {lock.parent} ({e.strerror or _one_line(e)}): choose a writable "
+                               "folder") from None
             take()
             check()
         write_json({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -2,11 +2,11 @@
 exit status 2, or starts correctly; never a traceback.
 
 Not part of the paper's method: the robustness contract of docs/robustness.md, for the arguments nobody has listed.
-hypothesis draws, for each script (train_toy.py, train_sd.py, bench_toy.py, bench_bias.py, bench_sd.py, minisd.py, bench_minisd.py),
-a few of its flags with values of their type and of other types (0, negatives, huge, nan, inf, text, '~', '..',
-names over 255 bytes, empty lists), appended to a small valid command line. The script runs in process, through what
-its __main__ runs (argument parsing, the checks, the resume / fresh-folder checks, the run folder's lock), up to the
-function that would train or build, which is replaced by one that raises `Started`.
+hypothesis draws, for each script (train_toy.py, train_sd.py, bench_toy.py, bench_bias.py, bench_progressive.py,
+bench_sd.py, minisd.py, bench_minisd.py), a few of its flags with values of their type and of other types (0, negatives,
+huge, nan, inf, text, '~', '..', names over 255 bytes, empty lists), appended to a small valid command line. The script
+runs in process, through what its __main__ runs (argument parsing, the checks, the resume / fresh-folder checks, the run
+folder's lock), up to the function that would train or build, which is replaced by one that raises `Started`.
 
 Notation: SCRIPTS script → (arguments dataclass, entry point, the function replaced, base argv); `Started` the
 correct start.
@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import bench_bias
 import bench_minisd
+import bench_progressive
 import bench_sd
 import bench_toy
 import minisd
@@ -47,6 +48,8 @@ SCRIPTS = {
                  (train_sd, "train"), ["--tiny", "--out-dir", "runs"]),
     "bench_toy": (bench_toy.BenchArgs, bench_toy.main, (bench_toy, "run_bench"), ["--out-dir", "runs"]),
     "bench_bias": (bench_bias.BenchArgs, bench_bias.main, (bench_bias, "run_bench"), ["--out-dir", "runs"]),
+    "bench_progressive": (bench_progressive.Args, bench_progressive.main, (bench_progressive, "run_bench"),
+                          ["--out-dir", "runs"]),
     "bench_sd": (bench_sd.Args, lambda argv: runio.cli(bench_sd.main, bench_sd.Args, bench_sd.check_args, argv),
                  (bench_sd, "run"), ["--tiny", "--device", "cpu", "--out", "bench/b"]),
     "minisd": (minisd.Args, lambda argv: runio.cli(minisd.main, minisd.Args, minisd.check_args, argv),

@@ -107,6 +107,24 @@ def test_run_lock_in_process_and_released(tmp_path):
         pass
 
 
+def test_an_unwritable_run_folder_is_one_line(tmp_path):
+    """A run folder that cannot be created (a file in its path) or locked (a read-only folder) is a RunError."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(runio.RunError, match=r"cannot create .*file.*: choose a writable folder"):
+        with runio.run_lock(tmp_path / "file" / "run" / ".lock"):
+            pass
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("running as a user that writes anywhere (root)")
+        with pytest.raises(runio.RunError, match=r"cannot (lock|create) .*: choose a writable folder"):
+            with runio.run_lock(tmp_path / "ro" / "run" / ".lock"):
+                pass
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
 def test_a_refused_check_leaves_nothing_behind(tmp_path):
     with pytest.raises(runio.RunError, match="nothing"):
         with runio.run_lock(tmp_path / "new" / ".lock", check=lambda: runio.check_resume(tmp_path / "new", {}, [])):
@@ -349,11 +367,14 @@ def test_sd_signal_checkpoints_says_resume_and_resumes_exactly(tiny_sd, tmp_path
 
 
 def test_second_signal_stops_at_once():
-    """Inside graceful_stop the first SIGINT is only a request; a second one raises Interrupted (exit 130) at once."""
+    """Inside graceful_stop the first SIGINT is only a request (a repeat within REPEAT_S too: torchrun passes a Ctrl-C
+    on to workers that got it already); a later one raises Interrupted (exit 130) at once."""
     with runio.graceful_stop():
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert runio.stop_requested() == signal.SIGINT
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C passed on by a launcher: still only a request
+        time.sleep(runio.REPEAT_S + 0.1)
         with pytest.raises(runio.Interrupted, match="SIGINT again: stopped at once; continue from the last checkpoint "
                                                     "with: python ") as e:
             os.kill(os.getpid(), signal.SIGINT)
@@ -384,13 +405,22 @@ def test_out_of_disk_is_one_line_and_resumable(cache, reference, tmp_path, capfd
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line(capfd):
-    """A script interrupted where no update runs (a benchmark, a build): one line, exit 130."""
+    """A script interrupted where no update runs (a benchmark, a build, the argument checks): one line, exit 130; a
+    full disk there says to run the command again (a benchmark has no --resume)."""
+    import bench_sd
 
-    def main(args):
+    def interrupt(*args):
         raise KeyboardInterrupt
 
-    err = one_line(capfd, 130, runio.cli, main, train_toy.Args, None, [])
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    err = one_line(capfd, 130, runio.cli, interrupt, train_toy.Args, None, [])
     assert err.endswith("interrupted by SIGINT\n")
+    assert one_line(capfd, 130, runio.cli, lambda a: None, train_toy.Args, interrupt, []).endswith("by SIGINT\n")
+    err = one_line(capfd, 2, runio.cli, full, bench_sd.Args, None, [])
+    assert err.endswith("no space left on the device ([Errno 28] No space left on device): free some space; then run "
+                        "the command again\n"), err
 
 
 # ----------------------------------------------------------------------------- library functions copied elsewhere
