@@ -174,6 +174,8 @@ def check_args(args: BenchArgs) -> None:
         runio.require_range("chain_lengths", n, 4, 1000, what="the paper's 4 LoRA points need 4 distinct steps")
         runio.check_arg("chain_lengths", n, measure_toy.snap_points, shortft.ddim_timesteps(n))
     runio.require_range("threads", args.threads, 1, os.cpu_count() or 1, what="at most this machine's CPU cores")
+    runio.require_range("target_fraction", args.target_fraction, 0, 1, low_open=True,
+                        what="a share of the best improvement over the base")
     for v in args.variants:  # what each run will be given
         train_toy.check_args(run_args(args, v, args.seeds[0]))
 
