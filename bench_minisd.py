@@ -13,21 +13,45 @@ is train_sd.py's held-out evaluation: the 50-step DDIM + CFG sampler on the fixe
 prompts, mean `digit` reward over them, a few times per run and at its end; the tables give its mean ± std over the
 training seeds.
 
-The settings of the long run, fixed before any of its results were seen (the defaults below):
+The settings of the long run on the miniature SD1.5, fixed before any of its results were seen (the defaults below):
 
     CFG               w = 2 for training chains and sampler, the scale the shortcut is distilled at (minisd.py
                       teacher_guidance, read from report.json), so that its jumps imitate the chain they replace
-    batch             8 prompts per update (updates of batch 2 were overhead-bound: 3× the CPU-seconds per sample)
-    budget            6000 GFLOP of updates per run. ShortFT's costliest stage (4: 49 no-grad + 1 gradient
-                      evaluation) costs 14.38 GFLOP per update, so each of its four stages (1500 GFLOP) gets at least
-                      104 updates (stage 1, 7.11 GFLOP per update: 211). The plan step measures these numbers again
+    batch             2 prompts per update
+    budget            1500 GFLOP of updates per run. ShortFT's costliest stage (4: 49 no-grad + 1 gradient
+                      evaluation) costs 3.60 GFLOP per update at batch 2, so each of its four stages (375 GFLOP) gets
+                      at least 105 updates (stage 1, 1.78 GFLOP per update: 211). The plan step measures these again
     seeds             0, 1, 2
-    held-out          1000 samples (prompts/digits_eval_1000.txt: each digit 100 times), evaluated about every
-                      quarter of a run's updates and at its end; the evaluation noise of a mean, std/√1000, is
-                      reported beside the spread between seeds
+    held-out          1000 samples (prompts/digits_eval_1000.txt: each digit 100 times), evaluated at half of a run's
+                      updates and at its end; the base model's score on them is the same for every run, so the plan
+                      scores it once (train_sd.py --no-eval-base in the runs). The evaluation noise of a mean,
+                      std/√1000, is reported beside the spread between seeds
     variants          ShortFT, DRaFT-LV, DRTune (Table 1) and both ablations (Table 3); full, DRaFT-K, AlignProp and
                       ReFL are the same command with --variants
     LoRA, optimiser   rank 4 (alpha 4) on attention + feed-forward, AdamW lr 2e-3, gradient clipping 1
+
+Why these differ from the first plan (batch 8, 6000 GFLOP, 4 evaluations + the base's in every run, about 4 CPU-hours
+estimated): the updates are overhead-bound, so what an update costs in CPU-seconds hardly depends on its batch (the
+plan, on 2 CPU cores shared with other jobs: ShortFT 1.3–2.1 CPU-s per update at batch 2), and the issue's floor of
+100 updates per progressive stage, not the batch, sets the cost. Batch 2 meets the floor at a quarter of the GFLOP;
+two held-out evaluations per run (enough for a coarse "GFLOP to target") instead of four, and the base scored once
+instead of in each of the 15 runs, remove about 60 % of the evaluation passes. Even so, the plan puts the 15 runs at
+about 4 CPU-hours on this machine (`--plan-only` prints the estimate): the floor of 100 updates per stage, 3 seeds and
+5 variants cannot all fit in less. The runs are ordered seed by seed (seed 0 of every variant first) and each one is
+reused once finished, so an interrupted bench resumes where it stopped.
+
+The miniature SD3 (`--minisd runs/minisd3`: train_sd.py on minisd3.py's StableDiffusion3Pipeline, --t5-tokens 0 as
+built, 28-step Euler + CFG at the build's w = 1.5, the scale its shortcut is distilled at), fixed likewise before its
+results were seen, at a budget sized to about half an hour of CPU on the same machine:
+
+    python bench_minisd.py --minisd runs/minisd3 --batch-size 2 --budget 150 --evals 1 --eval-samples 500
+
+    150 GFLOP of updates per run at batch 2 (ShortFT 2.9–3.6 GFLOP and 0.7–0.8 CPU-s per update: about 11 updates
+    per stage; DRaFT-LV 4.0 GFLOP: 38 updates), 3 seeds, the same five variants, 500 held-out samples (the first
+    half of prompts/digits_eval_1000.txt: each digit 50 times) scored once, at the end of each run: on this machine
+    one pass of 1000 samples of the 28-step sampler costs 61 CPU-s, against 0.7 CPU-s per update. This is a
+    short budget (the SD1.5 bench's earlier 25-CPU-second regime, not the long run), chosen to finish within the
+    hour left on 2 cores shared with other jobs
 
 Steps: plan (one short train_sd.py run per variant: the GFLOP of each kind of update, per progressive stage, and the
 updates the budget buys; FLOPs are deterministic, so this needs no reward and no long run), runs (each reused when
@@ -45,6 +69,7 @@ row over each variant's tuned row, seed 0, the first 20 samples), grids/<variant
 (train_sd.py's run folders).
 
 Run: python bench_minisd.py     (after python minisd.py; the 15 runs take about 4 CPU-hours with --workers 1)
+     python bench_minisd.py --plan-only     (the plan and the estimated CPU-hours, no training)
 """
 
 from __future__ import annotations
@@ -106,7 +131,7 @@ class Args:
     """reward (train_sd.py --reward)"""
     guidance: float = 0.0
     """CFG scale of training chains and the evaluation sampler (0: the shortcut's teacher scale, report.json)"""
-    budget: float = 6000.0
+    budget: float = 1500.0
     """compute of every run's updates, in --budget-unit (train_sd.py --budget)"""
     budget_unit: str = "gflop"
     """gflop (the tables' unit: the same on every machine), cpu_seconds or seconds"""
@@ -114,7 +139,7 @@ class Args:
     """AdamW learning rate (every variant)"""
     lora_rank: int = 4
     """LoRA rank (alpha = rank)"""
-    batch_size: int = 8
+    batch_size: int = 2
     """prompts per update"""
     eval_prompts: str = "prompts/digits_eval_1000.txt"
     """held-out prompts, sample i with the fixed seed i"""
@@ -122,7 +147,7 @@ class Args:
     """held-out samples (the first ones of eval_prompts)"""
     eval_batch: int = 1000
     """samples per sampler batch in evaluation"""
-    evals: int = 4
+    evals: int = 2
     """held-out evaluations per run, at about every 1/evals of its updates (the last at its end)"""
     fraction: float = 0.9
     """"GFLOP to target": target = base + fraction × (best final reward − base)"""
@@ -188,8 +213,9 @@ def guidance(args: Args) -> float:
 
 
 def command(args: Args, variant: str, seed: int, folder: Path, name: str, budget: float, steps: int = 1_000_000,
-            eval_every: int = 0, eval_samples: int | None = None) -> list[str]:
-    """The train_sd.py command line of one run (the plan's runs stop at `steps`, the bench's at the budget)."""
+            eval_every: int = 0, eval_samples: int | None = None, eval_base: bool = True) -> list[str]:
+    """The train_sd.py command line of one run (the plan's runs stop at `steps`, the bench's at the budget; the
+    bench's runs do not score the base, which the plan scores once for all of them)."""
     root = Path(args.minisd)
     n = args.eval_samples if eval_samples is None else eval_samples
     return [sys.executable, "train_sd.py", "--model", str(root / "pipeline"),
@@ -201,7 +227,8 @@ def command(args: Args, variant: str, seed: int, folder: Path, name: str, budget
             "--train-prompts", "prompts/digits_train.txt", "--eval-prompts", args.eval_prompts,
             "--eval-samples", str(n), "--eval-batch", str(min(n, args.eval_batch)), "--eval-every", str(eval_every),
             "--save-every", "0", "--seed", str(seed), "--out-dir", str(folder), "--name", name,
-            *(["--t5-tokens", "0"] if is_sd3(args) else []), *VARIANTS[variant]]
+            *([] if eval_base else ["--no-eval-base"]), *(["--t5-tokens", "0"] if is_sd3(args) else []),
+            *VARIANTS[variant]]
 
 
 def train(cmd: list[str], run_dir: Path) -> tuple[list[dict], float, float]:
@@ -239,8 +266,9 @@ def train(cmd: list[str], run_dir: Path) -> tuple[list[dict], float, float]:
 def plan(args: Args) -> dict:
     """Per variant: the compute of one update in each progressive stage (one short run, two updates per stage; 8
     updates for the random chains), the updates the budget buys (each stage gets an equal share of it), the
-    --eval-every that gives about `evals` evaluations, and this machine's CPU-seconds per update (each stage's last
-    update: its first also counts its FLOPs by a dry run) and per held-out evaluation, hence an estimate of the
+    --eval-every that gives about `evals` evaluations, and this machine's CPU-seconds per update (each stage's
+    cheapest update, without a dry run: a new kind of update also counts its FLOPs by one, and DRTune's offset gives
+    up to n/K kinds) and per held-out evaluation, hence an estimate of the
     bench's CPU-seconds. GFLOP are deterministic, CPU-seconds are this machine's at this moment; no reward is read."""
     out, folder = {}, out_dir(args) / "plan"
     for v in args.variants:
@@ -253,22 +281,29 @@ def plan(args: Args) -> dict:
             cpu_per.setdefault(r["stage"], []).append(r["time/cpu_s"] - cpu_before)
             before, cpu_before = r["budget/spent"], r["time/cpu_s"]
         cost = {s: statistics.fmean(c) for s, c in per.items()}
-        cpu_update = {s: (c[-1] if v not in RANDOM_CHAINS else statistics.fmean(c)) for s, c in cpu_per.items()}
+        cpu_update = {s: (min(c) if v not in RANDOM_CHAINS else statistics.fmean(c)) for s, c in cpu_per.items()}
         updates = {s: math.ceil(args.budget / len(cost) / c) for s, c in cost.items()}
         total = sum(updates.values())
         out[v] = {"per_update": cost, "cpu_s_per_update": cpu_update, "updates": updates, "total_updates": total,
                   "eval_every": max(1, round(total / args.evals)), "plan_process_cpu_s": cpu,
                   "update_cpu_s": sum(updates[s] * cpu_update[s] for s in updates)}
-    # one held-out evaluation of n samples: a run of one update evaluated at its end (base + tuned: two sampler
-    # passes), against the same run with one sample
+    # the base's held-out score, once for every run (the same sampler, prompts and seeds), and the cost of one
+    # held-out pass of n samples: a run of one update evaluated at its end (base + tuned: two sampler passes),
+    # against the same run with one sample
     v = args.variants[0]
     _, _, small = train(command(args, v, 0, folder, "eval-1", 1e12, steps=1, eval_samples=1), folder / "eval-1")
-    _, _, big = train(command(args, v, 0, folder, "eval-n", 1e12, steps=1), folder / "eval-n")
+    rows, _, big = train(command(args, v, 0, folder, "eval-n", 1e12, steps=1), folder / "eval-n")
     pass_cpu = max(0.0, big - small) / 2
-    per_run = {x: p["update_cpu_s"] + (args.evals + 1) * pass_cpu + small for x, p in out.items()}
+    per_run = {x: p["update_cpu_s"] + args.evals * pass_cpu + small for x, p in out.items()}
     out["cost"] = {"eval_pass_cpu_s": pass_cpu, "startup_cpu_s": small, "run_cpu_s": per_run,
-                   "bench_cpu_s": len(args.seeds) * sum(per_run.values())}
+                   "bench_cpu_s": len(args.seeds) * sum(per_run.values()) + big}
     return out
+
+
+def base_score(args: Args) -> float:
+    """The base model's held-out reward (the plan's eval-n run scored it; every run of the bench has the same)."""
+    rows = runio.read_jsonl(out_dir(args) / "plan" / "eval-n" / "metrics.jsonl")
+    return [r for r in rows if "eval/base_reward_mean" in r][-1]["eval/base_reward_mean"]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -279,11 +314,11 @@ def run_one(args: Args, variant: str, seed: int, eval_every: int) -> dict:
     name = f"{variant}-s{seed}"
     run_dir = out_dir(args) / "runs" / name
     rows, wall, process_cpu = train(command(args, variant, seed, out_dir(args) / "runs", name, args.budget,
-                                            eval_every=eval_every), run_dir)
+                                            eval_every=eval_every, eval_base=False), run_dir)
     updates = [r for r in rows if "loss" in r]
     at = {r["update"]: r for r in updates}
     evals = [r for r in rows if "eval/reward_mean" in r]
-    base = evals[-1]["eval/base_reward_mean"]
+    base = base_score(args)
     final = evals[-1]
     n = args.eval_samples
     result = {
@@ -424,23 +459,20 @@ def plot(args: Args, runs: list[dict], path: Path) -> None:
 
 
 def before_after(args: Args, out: Path, columns: int = 20) -> None:
-    """grids/<variant>.png: train_sd.py's last evaluation grid of seed `seeds[0]` (base row over tuned row), cut to
-    the first `columns` samples; before_after.png: the base row, then each variant's tuned row."""
+    """grids/<variant>.png: the tuned row of train_sd.py's last evaluation grid of seed `seeds[0]`, cut to the first
+    `columns` samples; before_after.png: the base row (the plan's eval-n grid, top row), then each variant's row."""
     from PIL import Image
 
-    rows = []
+    with Image.open(sorted((out / "plan" / "eval-n").glob("eval_*.png"))[-1]) as im:
+        side = im.height // 2
+        rows = [im.crop((0, 0, min(im.width, columns * side), side))]
     for v in args.variants:
-        png = sorted((out / "runs" / f"{v}-s{args.seeds[0]}").glob("eval_*.png"))[-1]
-        with Image.open(png) as im:
-            side = im.height // 2
-            grid = im.crop((0, 0, min(im.width, columns * side), im.height))
-        grid.save(out / "grids" / f"{v}.png")
-        if not rows:  # the base row, once (every run evaluates the same base on the same seeds)
-            rows.append(grid.crop((0, 0, grid.width, side)))
-        rows.append(grid.crop((0, side, grid.width, 2 * side)))
+        with Image.open(sorted((out / "runs" / f"{v}-s{args.seeds[0]}").glob("eval_*.png"))[-1]) as im:
+            rows.append(im.crop((0, 0, min(im.width, columns * side), side)))
+        rows[-1].save(out / "grids" / f"{v}.png")
     sheet = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)))
     for i, r in enumerate(rows):
-        sheet.paste(r, (0, i * rows[0].height))
+        sheet.paste(r, (0, i * side))
     sheet.save(out / "before_after.png")
 
 
@@ -469,7 +501,7 @@ def run(args: Args) -> dict:
                                          f" CPU-s) → {p['updates'][s]} updates" for s, c in p["per_update"].items())
               + f"; ≈ {steps['cost']['run_cpu_s'][v]:.0f} CPU-s per run", flush=True)
     print(f"  one held-out pass of {args.eval_samples} samples ≈ {steps['cost']['eval_pass_cpu_s']:.0f} CPU-s, "
-          f"{args.evals + 1} per run; the bench ≈ {steps['cost']['bench_cpu_s'] / 3600:.2f} CPU-hours", flush=True)
+          f"{args.evals} per run (the base: once); the bench ≈ {steps['cost']['bench_cpu_s'] / 3600:.2f} CPU-hours", flush=True)
     if args.plan_only:
         return steps
     jobs = [(v, s) for s in args.seeds for v in args.variants]

@@ -137,6 +137,10 @@ class Args(chain_args.ChainArgs):
     """held-out prompts evaluated (one fixed seed each)"""
     eval_batch: int = 4
     """images per sampler batch during evaluation"""
+    eval_base: bool = True
+    """also sample and score the base model on the held-out prompts (once, at the first evaluation; --no-eval-base:
+    not, e.g. when a benchmark scores the base once for all its runs; the evaluation grids then hold the tuned row
+    only)"""
     save_every: int = 100
     """checkpoint (LoRA + optimizer + RNG) every this many updates, and at the end (0: only at the end)"""
     resume: bool = False
@@ -493,19 +497,19 @@ def train(args: Args, world, run_dir: Path) -> dict:
 
     def evaluate():
         kw = dict(seeds=list(range(len(eval_prompts))), resolution=args.resolution, batch=args.eval_batch, cache=cache)
-        if "base" not in evaluate.__dict__:
+        if "base" not in evaluate.__dict__ and args.eval_base:
             evaluate.base = world.sample(c, eval_prompts, grid=grid, guidance=args.guidance, model=shortft.BASE, **kw)
             with torch.no_grad():
                 evaluate.base_r = reward(evaluate.base.to(device), eval_prompts).float().cpu()
         tuned = world.sample(c, eval_prompts, grid=grid, guidance=args.guidance, points=points, timestep_aware=aware, **kw)
         with torch.no_grad():
             r = reward(tuned.to(device), eval_prompts).float().cpu()
-        sd.save_grid([evaluate.base, tuned], run_dir / f"eval_{spent.updates:06d}.png")
+        sd.save_grid([evaluate.base, tuned] if args.eval_base else [tuned], run_dir / f"eval_{spent.updates:06d}.png")
         out = {"update": spent.updates, "eval/reward_mean": r.mean().item(), "eval/reward_std": r.std(unbiased=False).item(),
-               "eval/base_reward_mean": evaluate.base_r.mean().item()}
+               **({"eval/base_reward_mean": evaluate.base_r.mean().item()} if args.eval_base else {})}
         runio.append_jsonl(out, run_dir / "metrics.jsonl")
-        print(f"  eval @ {spent.updates}: reward {out['eval/reward_mean']:.4f} ± {out['eval/reward_std']:.4f} "
-              f"(base {out['eval/base_reward_mean']:.4f})")
+        print(f"  eval @ {spent.updates}: reward {out['eval/reward_mean']:.4f} ± {out['eval/reward_std']:.4f}"
+              + (f" (base {out['eval/base_reward_mean']:.4f})" if args.eval_base else ""))
         return out
 
     lora_kw = dict(grid=grid, points=points, timestep_aware=aware, guidance=args.guidance, method=args.method,

@@ -265,5 +265,5 @@ def test_bench_minisd_spends_equal_gflop_and_reuses_finished_runs(build, tmp_pat
     with Image.open(out / "before_after.png") as im:
         assert im.size == (3 * 32, 2 * 32)  # the base row and ShortFT's row, 3 samples
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("**/bench.json")}
-    assert len(stamps) == 2 and bench_minisd.main(bench) == summary
+    assert len(stamps) == 4 and bench_minisd.main(bench) == summary  # plan: shortft, eval-1, eval-n; the run
     assert {p: p.stat().st_mtime_ns for p in out.glob("**/bench.json")} == stamps

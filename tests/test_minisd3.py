@@ -188,6 +188,7 @@ def test_train_sd_shortft_raises_the_digit_reward_in_a_stock_sd3_pipeline(build,
     pipe.disable_lora()
     base = mean_reward(num_inference_steps=args.num_steps, guidance_scale=kwargs["guidance_scale"],
                        max_sequence_length=0)
+    print(f"digit reward of the stock pipeline: base {base:.4f}, tuned {tuned:.4f}")
     assert tuned > base + RISE, (base, tuned)
 
 
