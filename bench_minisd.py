@@ -290,7 +290,7 @@ def plan(args: Args) -> dict:
     # the base's held-out score, once for every run (the same sampler, prompts and seeds), and the cost of one
     # held-out pass of n samples: a run of one update evaluated at its end (base + tuned: two sampler passes),
     # against the same run with one sample
-    v = args.variants[0]
+    v = "shortft"  # whichever variants run: the same base score and runs for every call
     _, _, small = train(command(args, v, 0, folder, "eval-1", 1e12, steps=1, eval_samples=1), folder / "eval-1")
     rows, _, big = train(command(args, v, 0, folder, "eval-n", 1e12, steps=1), folder / "eval-n")
     pass_cpu = max(0.0, big - small) / 2
