@@ -198,7 +198,14 @@ def guidance(args: Args) -> float:
     if args.guidance:
         return args.guidance
     report = Path(args.minisd) / "report.json"
-    teacher = json.loads(report.read_text()).get("shortcut", {}).get("teacher_guidance") if report.is_file() else None
+    try:
+        teacher = json.loads(report.read_text()).get("shortcut", {}).get("teacher_guidance") if report.is_file() else None
+    except (ValueError, OSError, AttributeError):
+        raise runio.RunError(f"{report} is damaged: rebuild it with `python minisd.py`, or pass --guidance") from None
+    if not (teacher is None or isinstance(teacher, (int, float)) and not isinstance(teacher, bool)
+            and math.isfinite(teacher) and teacher >= 0):
+        raise runio.RunError(f"{report} gives the shortcut's CFG scale as {teacher!r}: rebuild it with "
+                             "`python minisd.py`, or pass --guidance")
     if teacher is None:
         raise runio.RunError(f"{report} does not say the shortcut's CFG scale (an older build): rebuild it with "
                              f"`python minisd.py`, or pass --guidance")
@@ -228,9 +235,14 @@ def train(cmd: list[str], run_dir: Path) -> tuple[list[dict], float, float]:
     """Run one train_sd.py command in a fresh folder, or reuse the folder if it holds a finished run of the same
     command (bench.json, written last). Returns its metrics rows, wall-seconds and the process's CPU-seconds (all of
     it: start-up, updates, evaluations; os.wait4's rusage)."""
-    done = run_dir / "bench.json"
-    if done.is_file() and (old := json.loads(done.read_text()))["command"] == cmd[1:]:
-        return runio.read_jsonl(run_dir / "metrics.jsonl"), old["wall_s"], old.get("process_cpu_s", float("nan"))
+    done, metrics = run_dir / "bench.json", run_dir / "metrics.jsonl"
+    old = runio.read_json_cache(done, "the run is made again")
+    if isinstance(old, dict) and old.get("command") == cmd[1:]:
+        sha = runio.file_sha256(metrics) if metrics.is_file() else None  # records without a checksum: trusted
+        if sha is not None and old.get("metrics_sha256", sha) == sha and isinstance(old.get("wall_s"), (int, float)):
+            return runio.read_jsonl(metrics), old["wall_s"], old.get("process_cpu_s", float("nan"))
+        print(f"{run_dir}: its metrics.jsonl or bench.json changed after the run finished: the run is made again",
+              file=sys.stderr)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1")
@@ -243,8 +255,9 @@ def train(cmd: list[str], run_dir: Path) -> tuple[list[dict], float, float]:
     if proc.returncode:
         lines = (run_dir.parent / f"{run_dir.name}.log").read_text().strip().splitlines() or ["?"]
         raise runio.RunError(f"{run_dir.name} failed: {lines[-1]}")
-    runio.write_json({"command": cmd[1:], "wall_s": wall, "process_cpu_s": cpu}, done)
-    return runio.read_jsonl(run_dir / "metrics.jsonl"), wall, cpu
+    runio.write_json({"command": cmd[1:], "wall_s": wall, "process_cpu_s": cpu,
+                      "metrics_sha256": runio.file_sha256(metrics)}, done)
+    return runio.read_jsonl(metrics), wall, cpu
 
 
 # ----------------------------------------------------------------------------- plan
@@ -467,7 +480,14 @@ def before_after(args: Args, out: Path, columns: int = 20) -> None:
 
 
 def main(args: Args) -> dict:
+    """The benchmark (module docstring), its output folder locked while it runs (one writer)."""
     check_args(args)
+    with runio.run_lock(out_dir(args) / ".lock", "benchmark folder"):
+        return run(args)
+
+
+def run(args: Args) -> dict:
+    """`main` with checked arguments, in its locked output folder."""
     out = out_dir(args)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     w = guidance(args)

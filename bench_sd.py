@@ -257,15 +257,23 @@ def check_args(args: Args) -> None:
     runio.require_range("repeats", args.repeats, 1)
     runio.require_range("seed", args.seed, 0, 2**32 - 1)
     out = Path(args.out)
+    runio.check_name_length("out", out.name, len(".json"))
     runio.require(bool(out.name) and not out.is_dir(), "out", args.out, "is a folder: give a file name without "
                                                                        "suffix, e.g. runs/bench_sd/bench")
     runio.check_writable_dir("--out", out.parent)
 
 
 def main(args: Args) -> list[dict]:
-    """Time every row; returns the rows (also written to <out>.json and <out>.md)."""
+    """Time every row; returns the rows (also written to <out>.json and <out>.md, locked by <out>.lock meanwhile)."""
     torch.set_flush_denormal(True)  # random tiny models make denormal floats, 10-100x slower on x86 CPUs
     check_args(args)
+    out = Path(args.out)
+    with runio.run_lock(out.with_name(out.name + ".lock"), "benchmark output"):  # one writer per output
+        return run(args)
+
+
+def run(args: Args) -> list[dict]:
+    """`main` with checked arguments and its output locked."""
     if args.tiny and args.resolution == Args.resolution:
         args = dataclasses.replace(args, resolution=32)
     if args.device == "cpu" and args.mixed_precision == Args.mixed_precision:

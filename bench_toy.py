@@ -16,14 +16,42 @@ Writes runs/<name>/: metrics.json, tables.md, figures (*.png) and one run folder
 Notation (code -> paper): variant = a row of the tables; seed = fine-tuning seed (the world is shared);
 mean ± std over seeds (sample std, n − 1).
 
+The long run, `python bench_toy.py --long` (LONG_FLAGS; runs/toy-long/), its settings fixed before any of its
+results were seen:
+
+    reward      `region` alone, r(x) = −max(‖x − (0, 2)‖ − 0.3, 0)²: smooth, no plateau short of its maximum 0 (every
+                point outside the disc has a gradient towards it), and that maximum needs every sample of every class
+                inside one disc of radius 0.3 at the top mode, while the base puts each class on its own two modes
+                around the ring, up to 4 away. So no method can saturate it by parking each class on a nearby mode,
+                which is what ends the default reward `region:1,quality:1` at its plateau (≈ −4.20). Ring quality is
+                reported beside it as the off-manifold check. `region:1,quality:1` at this budget is the same command
+                with --reward region:1,quality:1 --name toy-long-rq (not part of the fixed run: it does not fit the
+                ≈ 45 CPU-minutes the long run was given)
+    budget      324 GFLOP of updates per run. ShortFT's costliest stage (4: 49 no-grad evaluations and one with
+                gradient, batch 64) costs 0.2005 GFLOP per update, so each of its four stages (81 GFLOP) gets at
+                least 404 updates (stages 1–3: 0.1094, 0.1410, 0.1689 GFLOP per update, 740, 574, 479 updates;
+                2198 in all). Measured with 16-update runs, no reward read
+    seeds       0, 1, 2, 3, 4
+    variants    the 7 methods of Table 1 and both ablations of Table 3
+    evals       20 held-out evaluations per run (plus one before training), 512 fixed (x_T, class) pairs
+    reported    reward vs GFLOP (mean ± std over seeds), the final tables, GFLOP / CPU-seconds / wall seconds per run,
+                "GFLOP to target": where each seed first reaches base + 0.9 × (best final − base)
+
+A finished run folder of the same arguments is reused (train_toy.py writes summary.json last), so an interrupted
+bench continues where it stopped.
+
 Run: python bench_toy.py            (≈ 3–4 min on 2 CPU cores from an empty cache)
+     python bench_toy.py --long     (the long run: 45 runs, ≈ 50–85 CPU-minutes, one thread: 0.03–0.3 CPU-s per update
+                                    on a 2-core machine shared with other jobs)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +82,10 @@ VARIANTS = {  # name: (row label, train_toy.Args fields that differ from the def
 }
 TABLE1 = ("shortft", "draft_lv", "drtune", "full", "draft_k", "alignprop", "refl")
 TABLE3 = ("shortft", "no_timestep_aware", "no_progressive", "shortft_stage1_long")
+LONG_VARIANTS = TABLE1 + ("no_timestep_aware", "no_progressive")
+LONG_FLAGS = ["--name", "toy-long", "--seeds", "0", "1", "2", "3", "4", "--variants", *LONG_VARIANTS,
+              "--reward", "region", "--budget", "324", "--evals", "20"]
+"""The long run, fixed before any of its results were seen (module docstring): `python bench_toy.py --long`."""
 PAPER_ORDERINGS = (("shortft", "draft_lv"), ("shortft", "drtune"), ("shortft", "no_timestep_aware"),
                    ("shortft", "no_progressive"))
 
@@ -63,7 +95,8 @@ class BenchArgs(toy.WorldArgs):
     """Measure the toy world and train every variant of the paper's Tables 1 and 3 at equal compute."""
 
     name: str = "toy"
-    """output folder: <out-dir>/<name>/ (a rerun replaces the run folders of the variants and seeds it trains)"""
+    """output folder: <out-dir>/<name>/ (a rerun reuses each run folder that holds a finished run of the same
+    arguments and retrains the others)"""
     out_dir: str = "runs"
     """parent of the output folder"""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -88,6 +121,11 @@ class BenchArgs(toy.WorldArgs):
     """grids of the gradient-norm measurement (N steps; the paper's LoRA points are snapped to each, so N ≥ 4)"""
     threads: int = 1
     """torch CPU threads"""
+    target_fraction: float = 0.9
+    """"GFLOP to target": where a seed's held-out curve first reaches base + this × (best final − base), the best
+    final mean over the bench's variants (linear between evaluations)"""
+    long: bool = False
+    """the long run fixed in advance: shorthand for LONG_FLAGS (flags given after --long override them)"""
 
 
 def run_args(args: BenchArgs, variant: str, seed: int) -> train_toy.Args:
@@ -96,6 +134,17 @@ def run_args(args: BenchArgs, variant: str, seed: int) -> train_toy.Args:
                           out_dir=str(Path(args.out_dir) / args.name), seed=seed, reward=args.reward,
                           budget=args.budget, budget_unit=args.budget_unit, evals=args.evals,
                           eval_batch=args.eval_batch, threads=args.threads, **VARIANTS[variant][1])
+
+
+def finished_run(run: train_toy.Args) -> dict | None:
+    """The summary of a run folder that holds a finished run of exactly these arguments (train_toy.py writes
+    summary.json last), else None: an interrupted bench continues where it stopped."""
+    folder = train_toy.run_folder(run)
+    try:
+        same = json.loads((folder / "args.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(run)))
+        return json.loads((folder / "summary.json").read_text()) if same and (folder / "lora.safetensors").is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def check_args(args: BenchArgs) -> None:
@@ -125,6 +174,8 @@ def check_args(args: BenchArgs) -> None:
         runio.require_range("chain_lengths", n, 4, 1000, what="the paper's 4 LoRA points need 4 distinct steps")
         runio.check_arg("chain_lengths", n, measure_toy.snap_points, shortft.ddim_timesteps(n))
     runio.require_range("threads", args.threads, 1, os.cpu_count() or 1, what="at most this machine's CPU cores")
+    runio.require_range("target_fraction", args.target_fraction, 0, 1, low_open=True,
+                        what="a share of the best improvement over the base")
     for v in args.variants:  # what each run will be given
         train_toy.check_args(run_args(args, v, args.seeds[0]))
 
@@ -148,9 +199,32 @@ def summarise(runs: list[dict]) -> dict:
     return {"reward": spread([f["eval/reward_mean"] for f in finals]), "quality": spread([f["eval/quality_mean"] for f in finals]),
             "updates": spread([r["updates"] for r in runs]), "spent_per_update": spread([r["per_update"]["cpu_seconds"] for r in runs]),
             "gflop_per_update": spread([r["per_update"]["gflop"] for r in runs]),
+            "gflop": spread([r["spent"]["gflop"] for r in runs]), "cpu_s": spread([r["spent"]["cpu_seconds"] for r in runs]),
+            "wall_s": spread([r["spent"]["seconds"] for r in runs]),
+            "curves": [[(e["compute/gflop"], e["eval/reward_mean"]) for e in r["evals"]] for r in runs],
             "base_reward": finals[0]["eval/base_reward_mean"], "curve_mean": [m for m, _ in curve], "curve_std": [s for _, s in curve],
             "curve_spent": [statistics.fmean(r["evals"][i]["budget/spent"] for r in runs) for i in range(len(curve))],
             "seeds": [f["eval/reward_mean"] for f in finals]}
+
+
+def first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The GFLOP where a held-out curve [(GFLOP, reward), …] first reaches `target` (linear between evaluations);
+    None if it never does."""
+    for (g0, r0), (g1, r1) in zip(curve, curve[1:]):
+        if r1 >= target:
+            return g0 if r0 >= target else g0 + (g1 - g0) * (target - r0) / (r1 - r0)
+    return curve[0][0] if curve and curve[0][1] >= target else None
+
+
+def add_time_to_target(summary: dict, fraction: float) -> float:
+    """Adds "to_target" (mean ± std over the seeds that reach it, how many do) to every variant's summary; returns
+    the target base + fraction × (best final mean − base)."""
+    base = next(iter(summary.values()))["base_reward"]
+    target = base + fraction * (max(s["reward"][0] for s in summary.values()) - base)
+    for s in summary.values():
+        hits = [g for g in (first_reach(c, target) for c in s["curves"]) if g is not None]
+        s["to_target"] = {"gflop": spread(hits) if hits else None, "reached": len(hits), "of": len(s["curves"])}
+    return target
 
 
 def pm(v: tuple[float, float], digits: int = 3) -> str:
@@ -160,20 +234,26 @@ def pm(v: tuple[float, float], digits: int = 3) -> str:
 def tables_markdown(summary: dict, args: BenchArgs) -> str:
     """Tables 1 and 3 in miniature and the paper's orderings, as Markdown."""
     lines = []
+    target = add_time_to_target(summary, args.target_fraction)
     for title, rows in (("Table 1 (equal compute)", TABLE1), ("Table 3 (ablation)", TABLE3)):
         rows = [v for v in rows if v in summary]
         if not rows:
             continue
         lines += [f"**{title}**: {len(args.seeds)} seeds, {args.budget:g} {args.budget_unit} of updates each, "
-                  f"reward `{args.reward}`", "",
-                  "| method | held-out reward ↑ | ring quality ↑ | updates | GFLOP / update | CPU s / update |",
-                  "|---|---|---|---|---|---|"]
+                  f"reward `{args.reward}`; GFLOP to target: first reach of {target:.3f} = base + "
+                  f"{args.target_fraction:g} × (best final − base) (seeds that reach it)", "",
+                  "| method | held-out reward ↑ | ring quality ↑ | updates | GFLOP / update | GFLOP to target | "
+                  "CPU s / update | CPU s / run | wall s / run |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         base = summary[rows[0]]["base_reward"]
-        lines.append(f"| base model | {base:.3f} | – | – | – | – |")
+        lines.append(f"| base model | {base:.3f} | – | – | – | – | – | – | – |")
         for v in rows:
-            s = summary[v]
+            s, hit = summary[v], summary[v]["to_target"]
+            reach = "never" if not hit["reached"] else pm(hit["gflop"], 1) + (
+                f" ({hit['reached']}/{hit['of']})" if hit["reached"] < hit["of"] else "")
             lines.append(f"| {VARIANTS[v][0]} | {pm(s['reward'])} | {pm(s['quality'], 2)} | {pm(s['updates'], 0)} | "
-                         f"{pm(s['gflop_per_update'], 4)} | {pm(s['spent_per_update'], 4)} |")
+                         f"{pm(s['gflop_per_update'], 4)} | {reach} | {pm(s['spent_per_update'], 4)} | "
+                         f"{pm(s['cpu_s'], 1)} | {pm(s['wall_s'], 1)} |")
         lines.append("")
     lines += ["**The paper's orderings** (held-out reward; '>' only where |Δmean| > std_a + std_b):", ""]
     for a, b in PAPER_ORDERINGS:
@@ -271,7 +351,14 @@ def plot(out: Path, metrics: dict, world: toy.Toy, samples: dict, args: BenchArg
 
 
 def bench(args: BenchArgs) -> dict:
-    """Every step of the module docstring with checked arguments; returns metrics.json's content."""
+    """Every step of the module docstring with checked arguments; returns metrics.json's content. The output folder
+    is locked while the benchmark runs (one writer)."""
+    with runio.run_lock(Path(args.out_dir) / args.name / ".lock", "benchmark folder"):
+        return run_bench(args)
+
+
+def run_bench(args: BenchArgs) -> dict:
+    """`bench` in its locked output folder."""
     torch.set_num_threads(args.threads)
     out = Path(args.out_dir) / args.name
     out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +382,7 @@ def bench(args: BenchArgs) -> dict:
         for v in args.variants:
             for seed in args.seeds:
                 run = run_args(args, v, seed)
-                runs.setdefault(v, []).append(train_toy.train(run, log=lambda *a: None))
+                runs.setdefault(v, []).append(finished_run(run) or train_toy.train(run, log=lambda *a: None))
                 f = runs[v][-1]["final"]
                 print(f"  {v:>18} seed {seed}: reward {f['eval/reward_mean']:.3f}, {runs[v][-1]['updates']} updates", flush=True)
         return runs
@@ -345,7 +432,11 @@ def bench(args: BenchArgs) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """The command line: bad arguments end in one line and exit status 2."""
+    """The command line: bad arguments end in one line and exit status 2. `--long` puts LONG_FLAGS before the
+    arguments given, so that those given win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--long" in argv:
+        argv = LONG_FLAGS + argv
     return runio.cli(bench, BenchArgs, check_args, argv)
 
 

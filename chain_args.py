@@ -176,3 +176,64 @@ def check_chain_args(args: ChainArgs, grid: Sequence[float] | None = None, sched
     k = len(points) if points is not None and args.progressive else 1
     for stage in {1, k}:
         check("method", lambda: shortft.make_chain(args.method, grid, rng, **chain_switches(args, points, stage)))
+
+
+# ----------------------------------------------------------------------------- fail fast (not the method: glue)
+
+
+PROBE_PARTS = {shortft.BASE: ("base model", "the model's weights (--model)"),
+               shortft.TUNED: ("tuned model", "the LoRA branches (--lora-alpha, or the checkpoint resumed)"),
+               shortft.SHORTCUT: ("shortcut", "the shortcut's weights (--shortcut, --shortcut-scale)"),
+               "chain": ("chain", "the weights of the model, the LoRA branches and the shortcut"),
+               "decoder": ("decoder", "the VAE's weights"),
+               "reward": ("reward", "--reward (its weights, its model or classifier)")}
+"""What the fail-fast probe names (each part of a chain, and what to check when it gives NaN/inf)."""
+
+
+def probe_chain(chain: shortft.Chain, x_T, denoisers: dict, schedule, reward: Callable, decode: Callable | None = None,
+                ) -> None:
+    """Before training, once: every denoiser (called at the chain's first timestep), then the chain, the decoder and
+    the reward (on the chain's end) must give finite outputs, the reward one value per sample. A run that cannot
+    learn (every update would be skipped) stops here with one line (runio.RunError) saying which part is at fault.
+    No gradient; the random streams are left as they were (the probe draws from a fork of them)."""
+    import torch
+
+    import runio
+
+    def need(out, part: str, at: str = "") -> None:
+        if not isinstance(out, torch.Tensor) or not bool(torch.isfinite(out.float()).all()):
+            name, hint = PROBE_PARTS.get(part, (part, part))
+            raise runio.RunError(f"the run cannot learn: the {name} gives NaN/inf{at}: check {hint}")
+
+    segments = chain.segments()
+    t0 = segments[0].t
+    t1 = next((s.s for s in segments if s.s not in (shortft.CLEAN, shortft.X0)), shortft.CLEAN)
+    with torch.no_grad(), torch.random.fork_rng():
+        for part, fn in denoisers.items():
+            need(fn(x_T, t0, t1), part, f" at t = {t0:g}")
+        x0 = shortft.chain_outputs(x_T, chain, denoisers, schedule)[0]
+        need(x0, "chain", " at its end")  # a denoiser finite at t0 but not later
+        image = x0 if decode is None else decode(x0)
+        need(image, "decoder")
+        r = reward(image)
+        need(r, "reward")
+        if tuple(r.shape) != (x_T.shape[0],):
+            raise runio.RunError(f"the reward gives shape {tuple(r.shape)}, not one value per sample ({x_T.shape[0]},)")
+
+
+def stage_gaps(args: ChainArgs, k: int, updates: int) -> str | None:
+    """One line if a budget of `updates` updates leaves a progressive stage of the `k` without any update (stage i
+    gets the updates whose progress u / updates falls in its share), else None."""
+    seen = {stage_of(args, u / updates, k) for u in range(updates)} if k > 1 else {1}
+    missing = [s for s in range(1, k + 1) if s not in seen]
+    return (f"warning: {updates} updates for {k} progressive stages: stage(s) {' '.join(map(str, missing))} get no "
+            f"update; give at least {k} updates (or --no-progressive)") if missing else None
+
+
+def stage_jump(prev: int | None, stage: int, update: int) -> str | None:
+    """One line if progressive training went from stage `prev` straight to `stage`, past stages no update trained
+    (a budget in GFLOP or seconds too small for every stage), else None."""
+    if prev is None or stage <= prev + 1:
+        return None
+    return (f"warning: update {update + 1} is in stage {stage}: stage(s) {' '.join(map(str, range(prev + 1, stage)))} "
+            f"got no update; give a larger budget (or --no-progressive)")

@@ -1,4 +1,4 @@
-"""Measurements of the paper's claims on the toy world: shortcut accuracy, gradient fidelity, gradient norm.
+"""Measurements of the paper's claims on the toy world: shortcut accuracy, gradient fidelity and bias, gradient norm.
 
 Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning", ICCV 2025,
 https://arxiv.org/abs/2507.22604 — Sec. 3: the shortcut-based chain stands in for the original 50-step chain, so
@@ -8,6 +8,8 @@ branch should point where the exact gradient of the *same* parametrisation throu
     exact chain   the ordinary 50-step sampler with gradient at every step: LoRA_1 on 981 … 761, the base between the
                   LoRA points, the stacked LoRA_1 + … + LoRA_i at p_i (shortft.sampling_chain, every step grad=True)
     cos_j         cos(∇_{tuned_j} L of ShortFT's chain, ∇_{tuned_j} L of the exact chain), same x_T and classes
+    bias          for any method: cos(E_d g_d, g*) of its draws d against the exact gradient g* of its own
+                  parametrisation (one LoRA at every step for the baselines), next to one draw's cos(g_d, g*)
 
 Notation (code -> paper): points p_1 > … > p_k; stage i; R the ring radius; M shortcut jumps.
 
@@ -17,6 +19,7 @@ Run: python -c "import measure_toy as m, toy; w = toy.build_toy(toy.WorldArgs(),
 from __future__ import annotations
 
 import dataclasses
+import random
 from typing import Sequence
 
 import torch
@@ -88,14 +91,14 @@ def exact_chain(grid: Sequence[int], points: Sequence[int] | None) -> Chain:
 
 
 def branch_gradients(world: toy.Toy, chain: Chain, x_T, cond, reward_fn) -> dict[str, torch.Tensor]:
-    """∇_{tuned_j} of L = −mean r(x_0, c) through `chain`, flattened per branch (zeros where none reaches)."""
+    """∇_{tuned_j} of L = −mean r(x_0, c) through `chain`, flattened per branch (zeros where none reaches); one
+    backward pass for all branches."""
     loss, _ = shortft.reward_loss(x_T, chain, toy.make_denoisers(world, cond), world.schedule, lambda x: reward_fn(x, cond))
-    out = {}
-    for name in world.names:
-        params = world.tuned_params([name])
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        out[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
-    return out
+    params = {name: world.tuned_params([name]) for name in world.names}
+    flat = [p for name in world.names for p in params[name]]
+    grads = iter(torch.autograd.grad(loss, flat, allow_unused=True) if loss.requires_grad else [None] * len(flat))
+    return {name: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for p, g in zip(ps, grads)])
+            for name, ps in params.items()}
 
 
 def gradient_fidelity(world: toy.Toy, x_T, cond, reward_fn, segment1_grad_steps: Sequence[int] = (1, 12)) -> dict:
@@ -119,6 +122,75 @@ def gradient_fidelity(world: toy.Toy, x_T, cond, reward_fn, segment1_grad_steps:
             row["stage"] = cosine(torch.cat([got[n] for n in names]), torch.cat([exact[n] for n in names]))
             rows[f"stage {stage}" + (f", segment1_grad_steps {steps}" if stage == 1 else "")] = row
     return {"cosine": rows, "exact_norm": {n: g.norm().item() for n, g in exact.items()}, "a_share_of_exact": a_share}
+
+
+# ----------------------------------------------------------------------------- gradient bias of every method
+
+
+class Pinned(random.Random):
+    """A `random.Random` whose one `randrange` / `randint` call returns the `index`-th value of its range and records
+    the range's size: a method's builder, given Pinned(i), builds the i-th chain of its finite support. Python draws
+    these uniformly, so the plain mean over the support is the method's exact expectation."""
+
+    def __init__(self, index: int):
+        super().__init__(0)
+        self.index, self.size, self.calls = index, None, 0
+
+    def randrange(self, start, stop=None, step=1):
+        values = range(0, start) if stop is None else range(start, stop, step)
+        self.calls, self.size = self.calls + 1, len(values)
+        return values[self.index]
+
+    def randint(self, a, b):
+        return self.randrange(a, b + 1)
+
+
+def method_draws(method: str, grid: Sequence[int], switches: dict, noise_draws: int = 32) -> list[tuple[Chain, int | None]]:
+    """What one update of `method` can send: (chain, torch seed of its re-noising or None), each equally likely. A
+    method that draws one integer (AlignProp's K, ReFL's graded step, DRTune's offset) gives every chain of its
+    support; a chain that re-noises (DRaFT-LV) gives `noise_draws` seeds of its fresh ε; a deterministic one, itself.
+    Gradient checkpointing is switched off: it recomputes the same forward, so it changes memory, not the gradient."""
+    probe = Pinned(0)
+    first = shortft.make_chain(method, grid, probe, **switches)
+    if probe.calls > 1:
+        raise ValueError(f"{method} draws {probe.calls} integers per chain: enumerate their joint support instead")
+    chains = [first] if probe.size is None else \
+        [shortft.make_chain(method, grid, Pinned(i), **switches) for i in range(probe.size)]
+    chains = [Chain([dataclasses.replace(s, checkpoint=False) for s in c.trunk],
+                    [[dataclasses.replace(s, checkpoint=False) for s in b] for b in c.branches]) for c in chains]
+    if any(seg.model == shortft.NOISE for seg in first.segments()):
+        return [(chain, seed) for chain in chains for seed in range(noise_draws)]
+    return [(chain, None) for chain in chains]
+
+
+def draw_gradient(world: toy.Toy, chain: Chain, seed: int | None, names: Sequence[str], x_T, cond, reward_fn) -> torch.Tensor:
+    """The gradient one draw of a method sends into the branches `names`, flattened (a re-noising chain seeded)."""
+    with torch.random.fork_rng():
+        if seed is not None:
+            torch.manual_seed(seed)
+        got = branch_gradients(world, chain, x_T, cond, reward_fn)
+    return torch.cat([got[n] for n in names])
+
+
+def gradient_bias(world: toy.Toy, draws: list[tuple[Chain, int | None]], names: Sequence[str], x_T, cond, reward_fn,
+                  exact: dict[str, torch.Tensor] | None = None) -> dict:
+    """Bias and variance of a method's gradient g into `names` against the exact gradient g* of the same
+    parametrisation through the complete chain (`exact_chain`, every step with gradient; same x_T and classes):
+
+        one draw      cos(g_d, g*) and ‖g_d‖ / ‖g*‖ for every draw d (its spread is the method's noise)
+        expectation   cos(ḡ, g*) and ‖ḡ‖ / ‖g*‖ with ḡ = mean_d g_d (exact over an enumerated support; its gap
+                      to 1 is the method's bias)
+
+    `exact`: g* per branch, if already computed (`branch_gradients` of `exact_chain`)."""
+    if exact is None:
+        exact = branch_gradients(world, exact_chain(world.grid, world.points), x_T, cond, reward_fn)
+    g_star = torch.cat([exact[n] for n in names])
+    grads = [draw_gradient(world, chain, seed, names, x_T, cond, reward_fn) for chain, seed in draws]
+    mean = torch.stack(grads).mean(0)
+    norm = g_star.norm().item()
+    return {"draw_cos": [cosine(g, g_star) for g in grads], "draw_rel_norm": [g.norm().item() / norm for g in grads],
+            "mean_cos": cosine(mean, g_star), "mean_rel_norm": mean.norm().item() / norm, "exact_norm": norm,
+            "draws": len(grads)}
 
 
 # ----------------------------------------------------------------------------- gradient norm vs chain length

@@ -33,9 +33,7 @@ Run: python minisd.py        (python minisd.py --preset test: a reduced build in
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -174,12 +172,25 @@ def adam_steps(params, steps: int, lr: float, loss_fn, desc: str) -> list[float]
 
 
 def save_folder(write, path: Path) -> None:
-    """write(temporary folder), then move it to `path`: a folder is either complete or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    """write(temporary folder), then swap it in as `path` with a MANIFEST.json (runio.atomic_folder): a folder is
+    either complete or absent, and a file damaged later is seen (`damaged_stage`)."""
+    with runio.atomic_folder(path) as tmp:
+        write(tmp)
+
+
+def damaged_stage(out: Path, files) -> str | None:
+    """Why one of a stage's saved `files` is damaged (one line), or None: each is checked against the MANIFEST.json of
+    the nearest folder above it, inside `out`, that has one (folders written before manifests are not checked)."""
+    for f in files:
+        for folder in [f] + list(f.parents):
+            if folder == out.parent or out not in [folder, *folder.parents]:
+                break
+            if (folder / "MANIFEST.json").is_file():
+                problem = runio.folder_problem(folder)
+                if problem is not None:
+                    return f"{folder}: {problem}"
+                break
+    return None
 
 
 # ----------------------------------------------------------------------------- stages
@@ -199,8 +210,7 @@ def train_classifier(args: Args, train, heldout, out: Path) -> dict:
     adam_steps(model.parameters(), args.classifier_steps, 3e-3, loss, "classifier")
     with torch.no_grad():
         accuracy = (model.eval()(x_te).argmax(-1) == y_te).float().mean().item()
-    runio.save_tensors(model.state_dict(), out / "classifier.safetensors")
-    runio.write_json(model.config, out / "classifier.json")
+    rewards.save_digit_classifier(model, out / "classifier.safetensors")
     return dict(heldout_accuracy=accuracy, heldout=len(y_te))
 
 
@@ -432,6 +442,36 @@ def save_png(images: torch.Tensor, path: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def check_args(args: Args) -> None:
+    """One line (`--flag VALUE: what to do`, a ValueError) per argument that cannot build, before anything runs."""
+    apply_preset(args)  # an unknown --preset
+    if args.out:
+        runio.check_writable_dir("--out", args.out)
+    runio.require_range("seed", args.seed, 0, 2**32 - 1)
+    runio.require_range("threads", args.threads, 1, os.cpu_count() or 1, what="at most this machine's CPU cores")
+    for flag, high in (("classifier_steps", 10**6), ("vae_steps", 10**6), ("augment_copies", 64), ("unet_steps", 10**6),
+                       ("unet_batch", 4096), ("samples_per_digit", 1000), ("shortcut_rank", 1024),
+                       ("trajectories", 10**5), ("shortcut_steps", 10**6), ("shortcut_batch", 4096),
+                       ("eval_trajectories", 10**5)):
+        runio.require_range(flag, getattr(args, flag), 1, high)
+    for flag in ("vae_kl", "p_uncond", "target_rate"):
+        runio.require_range(flag, getattr(args, flag), 0, 1)
+    runio.require_range("teacher_guidance", args.teacher_guidance, 0, 100, what="0: the scale the guidance stage chose")
+    runio.require(len(args.vae_channels) == 4 and all(isinstance(c, int) and 8 <= c <= 1024 and c % 8 == 0
+                                                      for c in args.vae_channels), "vae_channels", args.vae_channels,
+                  "give 4 block widths (32 px → 4 latents), each a multiple of 8 in [8, 1024]")
+    runio.require(1 <= len(args.unet_channels) <= 3 and all(isinstance(c, int) and 16 <= c <= 1024 and c % 16 == 0
+                                                            for c in args.unet_channels), "unet_channels",
+                  args.unet_channels, "give 1 to 3 block widths (4×4 latents), each a multiple of 16 in [16, 1024]")
+    runio.require(bool(args.guidance), "guidance", args.guidance, "give at least one CFG scale")
+    for w in args.guidance:
+        runio.require_range("guidance", w, 0, 100)
+    runio.check_arg("lora_points", args.lora_points, shortft.check_lora_points, args.lora_points,
+                    shortft.ddim_timesteps(50, spacing="leading"))
+    runio.require(bool(args.shortcut_targets) and all(args.shortcut_targets), "shortcut_targets", args.shortcut_targets,
+                  "name one or more UNet modules")
+
+
 def apply_preset(args: Args) -> Args:
     if args.preset not in ("full", *PRESETS):
         raise ValueError(f"unknown preset {args.preset!r}: choose full or {', '.join(PRESETS)}")
@@ -443,35 +483,53 @@ def apply_preset(args: Args) -> Args:
 
 def main(args: Args) -> dict:
     """Build (or reuse) every stage in args.out; returns the report (also written to report.json)."""
+    args = apply_preset(args)
+    with runio.run_lock(Path(args.out) / ".lock", "build folder"):  # one writer per folder
+        return build(args)
+
+
+def build(args: Args) -> dict:
+    """`main`'s work, in the locked folder args.out."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    args = apply_preset(args)
     torch.set_num_threads(args.threads)
     out, start = Path(args.out), time.perf_counter()
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k != "threads"}
-    if (out / "args.json").is_file() and (old := json.loads((out / "args.json").read_text())) != settings:
-        raise ValueError(f"{out} was built with other arguments "
-                         f"({', '.join(k for k in settings if old.get(k) != settings[k])}): delete it or pass another --out")
+    had_args = (out / "args.json").is_file()
+    old = runio.read_json_cache(out / "args.json", "every stage is built again")  # damaged: None, removed
+    if old is not None and old != settings:
+        changed = ", ".join(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
+        raise runio.RunError(f"{out} was built with other arguments ({changed}): delete it or pass another --out")
     runio.write_json(settings, out / "args.json")
-    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+    report = runio.read_json_cache(out / "report.json", "every stage is built again")
+    report = report if isinstance(report, dict) and not (had_args and old is None) else {}
     pipe, sc_file = out / "pipeline", out / "shortcut" / "pytorch_lora_weights.safetensors"
     rebuild, clock = False, {}
 
     def todo(key: str, *files: Path) -> bool:
         """Whether stage `key` is built now: its files or numbers are missing, or an earlier stage was rebuilt."""
         nonlocal rebuild
-        rebuild = rebuild or key not in report or not all(f.exists() for f in files)
+        problem = damaged_stage(out, files) if not rebuild and key in report else None
+        if problem:
+            print(f"--- {key}: damaged ({problem}): building it again", file=sys.stderr)
+        rebuild = rebuild or key not in report or not all(f.exists() for f in files) or problem is not None
         print(f"--- {key}: " + ("build" if rebuild else "reuse"))
         clock[key] = time.perf_counter()
         return rebuild
 
     def done(key: str, numbers: dict) -> None:
         report[key] = {**numbers, "seconds": round(time.perf_counter() - clock[key], 1)}
-        runio.write_json(report, out / "report.json")
+        runio.write_json_cache(report, out / "report.json")
 
     train, heldout = load_digits_split(args.seed)
     report["data"] = dict(train=len(train[1]), heldout=len(heldout[1]), image_size=32, latent_size=4)
+    if (out / "classifier.safetensors").is_file() and (out / "classifier.json").is_file():
+        try:  # a damaged classifier is trained again
+            rewards.load_digit_classifier(str(out / "classifier.safetensors"), str(out / "classifier.json"))
+        except ValueError as e:
+            print(f"{e}: training it again", file=sys.stderr)
+            report.pop("classifier", None)
     if todo("classifier", out / "classifier.safetensors", out / "classifier.json"):
         done("classifier", train_classifier(args, train, heldout, out))
     classifier = rewards.digit(digit_classifier=str(out / "classifier.safetensors")).models[0]
@@ -520,7 +578,7 @@ def main(args: Args) -> dict:
 
     report["build_seconds"] = round(sum(report[k]["seconds"] for k in clock), 1)
     report["last_call"] = dict(seconds=round(time.perf_counter() - start, 1), threads=args.threads)
-    runio.write_json(report, out / "report.json")
+    runio.write_json_cache(report, out / "report.json")
     print(f"classifier held-out accuracy {report['classifier']['heldout_accuracy']:.3f}; 50-step samples recognised "
           f"{report['guidance']['rate']:.3f} at w = {w}; shortcut distilled at w_T = {w_T}; jump error / teacher "
           f"displacement at w_T, shortcut (base one-step with CFG): "
@@ -531,8 +589,4 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(runio.parse_args(Args))
-    except ValueError as e:  # bad arguments: one line, no traceback
-        print(f"minisd.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runio.cli(main, Args, check_args)

@@ -38,7 +38,7 @@ Run: python minisd3.py        (python minisd3.py --preset test: a reduced build 
 from __future__ import annotations
 
 import dataclasses
-import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -446,18 +446,24 @@ def main(args: Args) -> dict:
     torch.set_num_threads(args.threads)
     out, start = Path(args.out), time.perf_counter()
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k != "threads"}
-    if (out / "args.json").is_file() and (old := json.loads((out / "args.json").read_text())) != settings:
-        changed = ", ".join(k for k in settings if old.get(k) != settings[k])
+    had_args = (out / "args.json").is_file()
+    old = runio.read_json_cache(out / "args.json", "every stage is built again")  # damaged: None, removed
+    if old is not None and old != settings:
+        changed = ", ".join(k for k in settings if not isinstance(old, dict) or old.get(k) != settings[k])
         raise runio.RunError(f"{out} was built with other arguments ({changed}): delete it or pass another --out")
     runio.write_json(settings, out / "args.json")
-    report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+    report = runio.read_json_cache(out / "report.json", "every stage is built again")
+    report = report if isinstance(report, dict) and not (had_args and old is None) else {}
     pipe_dir, sc_file = out / "pipeline", out / "shortcut" / "pytorch_lora_weights.safetensors"
     rebuild, clock = False, {}
 
     def todo(key: str, *files: Path) -> bool:
         """Whether stage `key` is built now: its files or numbers are missing, or an earlier stage was rebuilt."""
         nonlocal rebuild
-        rebuild = rebuild or key not in report or not all(f.exists() for f in files)
+        problem = minisd.damaged_stage(out, files) if not rebuild and key in report else None
+        if problem:
+            print(f"--- {key}: damaged ({problem}): building it again", file=sys.stderr)
+        rebuild = rebuild or key not in report or not all(f.exists() for f in files) or problem is not None
         print(f"--- {key}: " + ("build" if rebuild else "reuse"))
         clock[key] = (time.perf_counter(), time.process_time())
         return rebuild
@@ -465,10 +471,16 @@ def main(args: Args) -> dict:
     def done(key: str, numbers: dict) -> None:
         report[key] = {**numbers, "seconds": round(time.perf_counter() - clock[key][0], 1),
                        "cpu_seconds": round(time.process_time() - clock[key][1], 1)}
-        runio.write_json(report, out / "report.json")
+        runio.write_json_cache(report, out / "report.json")
 
     train, heldout = minisd.load_digits_split(args.seed)
     report["data"] = dict(train=len(train[1]), heldout=len(heldout[1]), image_size=32, latent_size=4)
+    if (out / "classifier.safetensors").is_file() and (out / "classifier.json").is_file():
+        try:  # a damaged classifier is trained again
+            rewards.load_digit_classifier(str(out / "classifier.safetensors"), str(out / "classifier.json"))
+        except ValueError as e:
+            print(f"{e}: training it again", file=sys.stderr)
+            report.pop("classifier", None)
     if todo("classifier", out / "classifier.safetensors", out / "classifier.json"):
         done("classifier", minisd.train_classifier(args, train, heldout, out))
     classifier = rewards.digit(digit_classifier=str(out / "classifier.safetensors")).models[0]
@@ -520,7 +532,7 @@ def main(args: Args) -> dict:
     report["build_seconds"] = round(sum(report[k]["seconds"] for k in clock), 1)
     report["build_cpu_seconds"] = round(sum(report[k]["cpu_seconds"] for k in clock), 1)
     report["last_call"] = dict(seconds=round(time.perf_counter() - start, 1), threads=args.threads)
-    runio.write_json(report, out / "report.json")
+    runio.write_json_cache(report, out / "report.json")
     print(f"classifier held-out accuracy {report['classifier']['heldout_accuracy']:.3f}; {args.num_steps}-step samples "
           f"recognised {report['guidance']['rate']:.3f} at w = {w}; jump error / teacher displacement, shortcut "
           "(base one Euler step with CFG): " + ", ".join(f"{k} {v['shortcut']['of_displacement']:.3f} "

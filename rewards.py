@@ -865,21 +865,73 @@ def digit_in_prompt(prompt: str) -> int:
     return found.pop()
 
 
+def save_digit_classifier(model: "DigitClassifier", weights) -> None:
+    """Write the classifier as `load_digit_classifier` reads it: weights (runio.save_tensors, with a checksum and the
+    config in its metadata) and the config as the .json of the same name."""
+    import json
+    import os
+
+    import runio
+
+    runio.save_tensors(model.state_dict(), weights, {"config": json.dumps(model.config, sort_keys=True)})
+    runio.write_json(model.config, os.path.splitext(str(weights))[0] + ".json")
+
+
+def load_digit_classifier(weights: str, config: str) -> "DigitClassifier":
+    """The classifier of the `digit` reward from its weights (.safetensors) and config (.json), checked before use: the
+    config a JSON object of DigitClassifier's arguments, the weights its keys and shapes, finite and of trained size
+    (runio.check_weights_finite: a NaN classifier makes every reward NaN), and the config the one saved in the
+    weights' metadata (`save_digit_classifier`). ValueError (one line) naming the file."""
+    import json
+
+    import runio
+
+    count = lambda v, lo, hi: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi  # noqa: E731
+    try:
+        with open(config, encoding="utf-8") as f:
+            cfg = json.load(f)
+        if not (isinstance(cfg, dict) and set(cfg) <= {"image_size", "channels", "classes"}
+                and count(cfg.get("image_size", 16), 4, 512) and count(cfg.get("classes", 10), 10, 10_000)
+                and isinstance(cfg.get("channels", []), list) and len(cfg.get("channels", [])) <= 8
+                and all(count(c, 1, 4096) for c in cfg.get("channels", []))):
+            raise ValueError("not image_size (4 … 512), channels (a list of widths), classes (≥ 10)")
+        model = DigitClassifier(**cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"digit classifier config {config!r} is damaged ({_first_line(e)}): run `python minisd.py` "
+                         "again") from None
+    try:
+        if str(weights).endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(str(weights), "pt") as f:
+                saved = (f.metadata() or {}).get("config")
+            if saved is not None and json.loads(saved) != cfg:
+                raise runio.CheckpointError(f"its config {config!r} is not the one its weights were saved with")
+        state = runio.load_tensors(weights) if str(weights).endswith(".safetensors") else load_weights_file(weights)
+        runio.check_weights_finite(state, f"digit classifier {weights!r}")
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError) as e:  # runio.CheckpointError is a ValueError
+        raise ValueError(f"digit classifier {weights!r} is damaged ({_first_line(e)[:200]}): run `python minisd.py` "
+                         "again") from None
+    except OSError:
+        raise
+    except Exception as e:  # safetensors' own error type
+        raise ValueError(f"digit classifier {weights!r} is not a readable weights file ({type(e).__name__}): run "
+                         "`python minisd.py` again") from None
+    return model
+
+
 def digit(device="cpu", dtype=torch.float32, digit_classifier: str = "runs/minisd/classifier.safetensors") -> Reward:
     """log p(d | x) of the digit d named in the prompt, under the `DigitClassifier` that `minisd.py`
     trains on scikit-learn's digits: log-softmax of its logits (B, 10) at d, ≤ 0 (0 = certain). Weights:
     `digit_classifier` (.safetensors) with its config as the .json of the same name."""
-    import json
     import os
 
     config = os.path.splitext(digit_classifier)[0] + ".json"
     if not (os.path.isfile(digit_classifier) and os.path.isfile(config)):
         raise FileNotFoundError(f"digit classifier {digit_classifier!r} (+ .json config) not found: run "
                                 f"`python minisd.py` to train it, or pass digit_classifier=<path to .safetensors>")
-    with open(config) as f:
-        cfg = json.load(f)
-    model = DigitClassifier(**cfg)
-    model.load_state_dict(load_weights_file(digit_classifier))
+    model = load_digit_classifier(digit_classifier, config)
     model = _frozen(model, device, dtype)
 
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -149,7 +149,7 @@ def _field_docs(cls) -> dict[str, str]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + error; --help has the rest
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
 
 
 def _finite_float(text: str) -> float:
@@ -181,12 +181,14 @@ def parse_args(cls, argv: list[str] | None = None, check: Callable[[Any], None] 
                                 help=help_)
         else:
             parser.add_argument(name, type=_parse_type(kind), default=default, help=help_)
-    args = cls(**vars(parser.parse_args(argv)))
+    args = cls(**{k: _home(v) for k, v in vars(parser.parse_args(argv)).items()})
     if check is not None:
         try:
             check(args)
         except ValueError as e:
             parser.error(str(e))
+        except OSError as e:  # a path the system refuses to look at (e.g. a name over 255 bytes)
+            parser.error(f"{_one_line(e)}: check the paths given")
     return args
 
 
@@ -194,12 +196,39 @@ def cli(main: Callable[[Any], Any], cls, check: Callable[[Any], None] | None = N
         argv: list[str] | None = None):
     """A script's entry point: `parse_args(cls, argv, check)`, then `main(args)`; a `RunError` raised
     anywhere in `main` ends the script with one line on stderr and exit status 2."""
-    args = parse_args(cls, argv, check)
+    import errno
+    import signal
+
+    script = Path(sys.argv[0]).name if main.__module__ == "__main__" else main.__module__ + ".py"
+    _STOP["command"] = (script, list(sys.argv[1:] if argv is None else argv))
+    prog, resumable = script, any(f.name == "resume" for f in dataclasses.fields(cls))
     try:
-        return main(args)
+        return main(parse_args(cls, argv, check))
+    except Interrupted as e:  # SIGINT / SIGTERM: one line (the resume command), exit 130 / 143
+        if str(e):
+            print(f"{prog}: interrupted by {e}", file=sys.stderr)
+        raise SystemExit(e.code) from None
     except RunError as e:
-        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops after its update, `graceful_stop`)
+        print(f"{prog}: interrupted by SIGINT", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except OSError as e:
+        if getattr(e, "errno", None) == errno.ENAMETOOLONG:
+            print(f"{prog}: error: {_one_line(e)}: choose shorter names", file=sys.stderr)
+            raise SystemExit(2) from None
+        if not disk_full(e):
+            raise
+        then = f"the last complete checkpoint is intact, continue with: {resume_command()}" if resumable else \
+            "then run the command again"
+        print(f"{prog}: error: no space left on the device ({_one_line(e)}): free some space; {then}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _home(value: Any) -> Any:
+    """`~/x` as the shell expands it (a quoted '~/runs' or --out-dir=~/runs reaches the script unexpanded)."""
+    return os.path.expanduser(value) if isinstance(value, str) and (value == "~" or value.startswith("~/")) else value
 
 
 def _annotated_type(annotation) -> type:
@@ -230,6 +259,16 @@ def check_run_name(name: str, *, out_flag: str = "--out", name_flag: str = "--na
         and not os.path.isabs(name)
     require(plain, name_flag, name, "must be one plain folder name (no '/', '\\' or '..'): the run folder is "
                                     f"{out_flag.lstrip('-').upper()}/NAME")
+    check_name_length(name_flag, name)
+
+
+def check_name_length(flag: str, name: str, suffix: int = 0) -> None:
+    """ArgError unless the file name `name` (plus `suffix` characters the script appends, and the `.NAME.tmp` of an
+    atomic write) fits the 255 bytes a file name may have."""
+    size = len(name.encode(errors="replace")) + suffix + len("..tmp")
+    require(size <= 255, flag, name[:40] + "…" if len(name) > 40 else name,
+            f"a name of {len(name.encode(errors='replace'))} bytes is too long for a file name (at most "
+            f"{255 - suffix - len('..tmp')}): choose a shorter one")
 
 
 def check_writable_dir(flag: str, path: str | Path) -> None:
@@ -284,14 +323,21 @@ def write_bytes(data: bytes, path: str | Path) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of a metrics file (one JSON object a line); a last line torn by a kill is left out."""
+    """The records of a metrics file (one JSON object a line); a last line torn by a kill is left out, and damaged
+    lines (see `metrics_record`) are dropped with one line on stderr saying how many."""
     path = Path(path)
-    lines = path.read_text().splitlines(True) if path.is_file() else []
-    return [json.loads(line) for line in lines if line.endswith("\n")]
+    lines = path.read_bytes().split(b"\n")[:-1] if path.is_file() else []  # [:-1]: a torn last line, or ""
+    rows = [r for r in map(metrics_record, lines) if r is not None]
+    if len(rows) < len(lines):
+        print(f"{path}: dropped {len(lines) - len(rows)} damaged line(s) of {len(lines)}", file=sys.stderr)
+    return rows
 
 
 def keep_jsonl_until(path: str | Path, update: int) -> None:
-    """On resume: keep only the records logged up to `update` (later ones are logged again), atomically."""
+    """On resume: keep only the records logged up to `update` (later ones are logged again), atomically. RunError if
+    `path` is something other than a file."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise RunError(f"{path} is not a file: move it away, the run appends its metrics there")
     rows = [r for r in read_jsonl(path) if r.get("update", 0) <= update]
     write_text("".join(json.dumps(r) + "\n" for r in rows), path)
 
@@ -310,23 +356,30 @@ def append_jsonl(obj: dict, path: str | Path) -> None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors, written atomically; refuses NaN/inf (CheckpointError naming the tensor)."""
+    """safetensors, written atomically, with a checksum of its tensors in its metadata (TENSORS_DIGEST); refuses
+    NaN/inf (CheckpointError naming the tensor)."""
     cpu = _cpu(tensors)
     _refuse_nonfinite(cpu, str(path))
+    metadata = {**(metadata or {}), TENSORS_DIGEST: tensors_digest(cpu)}
     _write_atomic(Path(path), lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file: FileNotFoundError if missing, CheckpointError if unreadable or NaN/inf."""
+    """Read a safetensors file: FileNotFoundError if missing, CheckpointError if unreadable, NaN/inf, or its tensors
+    differ from the checksum `save_tensors` wrote into it."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no weights file at {path}")
     try:
+        with safe_open(str(path), "pt") as f:
+            digest = (f.metadata() or {}).get(TENSORS_DIGEST)
         tensors = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_one_line(e)})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_one_line(e)[:160]})") from None
     bad = _nonfinite(tensors)
     if bad is not None:
         raise CheckpointError(f"{path}: tensor {bad!r} holds NaN/inf (corrupt file)")
+    if digest is not None and digest != tensors_digest(tensors):
+        raise CheckpointError(f"{path} does not match its checksum (corrupt file)")
     return {k: v.to(device) for k, v in tensors.items()}
 
 
@@ -372,8 +425,10 @@ def _read_json(path: Path, what: str) -> Any:
         raise RunError(f"{path} is not readable JSON ({_one_line(e)}): {what}") from None
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def _one_line(e: BaseException | str) -> str:
+    """A message as one line: control characters a user typed into a value (\\r, \\n, ...) are shown escaped."""
+    text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(e).strip())
+    return text or type(e).__name__
 
 
 def _jsonable(o):
@@ -509,23 +564,31 @@ def _remove(folder: Path, path: Path) -> None:
     """Delete `folder` (`path` or one of its siblings) by renaming it to `.<name>.del` first."""
     trash = _sibling(path, "del")
     if trash.exists():
-        shutil.rmtree(trash)
+        _delete(trash)
     os.rename(folder, trash)
     _fsync(path.parent)
     _pause("removing", folder)
-    shutil.rmtree(trash)
+    _delete(trash)
+
+
+def _delete(path: Path) -> None:
+    """Delete a folder, or a file where a folder was expected (a damaged run folder)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _recover(path: Path, manifest: str) -> None:
     """Leave at most `path` of `path`, `.tmp`, `.old`, `.del`: the newest complete copy."""
     tmp, old, trash = (_sibling(path, k) for k in ("tmp", "old", "del"))
     if trash.exists():
-        shutil.rmtree(trash)
+        _delete(trash)
     if tmp.exists():
         if folder_problem(tmp, manifest) is None:
             _swap_in(tmp, path)  # killed after step 2: the new copy is complete, finish the swap
         else:
-            shutil.rmtree(tmp)  # killed in step 1 or 2: `path` was never touched
+            _delete(tmp)  # killed in step 1 or 2: `path` was never touched
     if old.exists():
         if path.exists():
             _remove(old, path)  # killed in step 4
@@ -611,7 +674,9 @@ def save_checkpoint(
         _refuse_nonfinite(tensors, f"checkpoint step {step} ({name})")
     _tidy(root)
     final = root / f"step_{step:07d}"
-    with atomic_folder(final, "state.json", {**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}) as tmp:
+    meta = {**state, "step": step, "optimizer": opt_meta, "rng": rng_meta}
+    meta[STATE_DIGEST] = state_digest(meta)  # the manifest covers itself (validated reading, below)
+    with atomic_folder(final, "state.json", meta) as tmp:
         for name, tensors in files.items():
             save_file(tensors, str(tmp / name))
         for name, src in (extra_files or {}).items():
@@ -649,24 +714,33 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(ckpt: str | Path, optimizer: torch.optim.Optimizer | None = None, restore_rng: bool = True,
-                    expect: Mapping[str, Any] | None = None):
+                    expect: Mapping[str, Any] | None = None, check_state: Callable[[dict], Any] | None = None):
     """Read a checkpoint written by `save_checkpoint`: returns (weights, state) and restores the
     optimizer and the RNGs in place, only once every check passed: complete (CheckpointError), finite
-    (CheckpointError), and with `expect` (name → tensor or shape) the same keys and shapes (MismatchError)."""
+    (CheckpointError), and with `expect` (name → tensor or shape) the same keys and shapes (MismatchError); every
+    other check of `check_checkpoint` (state.json's checksum, RNG and optimizer states, `check_state`) a
+    CheckpointError."""
     ckpt = Path(ckpt)
     if not (ckpt / "state.json").is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no state.json)")
     problem = folder_problem(ckpt, "state.json")
     if problem is not None:
         raise CheckpointError(f"{ckpt} is not a complete checkpoint: {problem}")
-    state = json.loads((ckpt / "state.json").read_text())
-    state.pop("files")
+    try:
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{ckpt}: state.json is not readable JSON ({_one_line(e)})") from None
     weights, opt, rng = (load_tensors(ckpt / f"{n}.safetensors") for n in ("weights", "optimizer", "rng"))
-    if expect is not None:
-        check_weights(weights, expect, str(ckpt))
+    check_checkpoint(ckpt, state, {"weights": weights, "optimizer": opt, "rng": rng}, optimizer, expect, check_state)
+    state.pop("files", None)
     if optimizer is not None:
         _check_optimizer(optimizer, opt, state["optimizer"], ckpt)
-        load_optimizer_tensors(optimizer, opt, state["optimizer"])
+        before = optimizer.state_dict()
+        try:
+            load_optimizer_tensors(optimizer, opt, state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+            optimizer.load_state_dict(before)
+            raise CheckpointError(f"{ckpt}: its optimizer state does not load ({_one_line(e)[:160]})") from None
     if restore_rng:
         set_rng_state(rng, state["rng"])
     return weights, state
@@ -699,6 +773,9 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.
                             f"{[len(g['params']) for g in optimizer.param_groups]}: start a new run (another --name)")
     for name, t in tensors.items():
         p = params[int(name.split(".", 1)[0])]
+        if t.dim() > 0 and t.dtype != p.dtype:
+            raise CheckpointError(f"{ckpt}: optimizer state {name} is {t.dtype}, its parameter {p.dtype} (a damaged "
+                                  "file)")
         if t.dim() > 0 and t.shape != p.shape:
             raise MismatchError(f"{ckpt}: optimizer state {name} has shape {tuple(t.shape)}, its parameter "
                                 f"{tuple(p.shape)}: start a new run (another --name)")
@@ -729,6 +806,9 @@ def check_resume(run_dir: str | Path, args: Any, keys: Iterable[str]) -> Path:
         raise RunError(f"--resume: nothing to resume, {run_dir / 'checkpoints'} holds no complete checkpoint: "
                        "drop --resume to start a new run")
     saved = _read_json(run_dir / "args.json", "the settings of its checkpoints are unknown; start a new run")
+    if not isinstance(saved, dict):
+        raise RunError(f"{run_dir / 'args.json'} holds no JSON object: the settings of its checkpoints are unknown; "
+                       "start a new run")
     check_settings(saved, args, keys, str(run_dir))
     return ckpt
 
@@ -739,19 +819,22 @@ def check_fresh(run_dir: str | Path, name_flag: str = "--name") -> None:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         raise ArgError(name_flag, Path(run_dir).name, f"{run_dir} already holds a run (checkpoint {ckpt.name}): "
-                                                      f"pass --resume to continue it, or choose another {name_flag}")
+                                                      f"pass --resume to continue it, --overwrite to replace it, or "
+                                                      f"choose another {name_flag}")
 
 
 def resume_checkpoint(run_dir: str | Path, optimizer: torch.optim.Optimizer | None = None,
-                      expect: Mapping[str, Any] | None = None, restore_rng: bool = True):
+                      expect: Mapping[str, Any] | None = None, restore_rng: bool = True,
+                      check_state: Callable[[dict], Any] | None = None):
     """`load_checkpoint` the newest checkpoint of `run_dir` that loads, saying which one; each newer one
-    that is incomplete, corrupt or non-finite is skipped, with a one-line message each. Returns (path,
+    that is incomplete, corrupt, non-finite or fails `check_state` (see `check_checkpoint`) is skipped, with a
+    one-line message each. Returns (path,
     weights, state). RunError (one line, with the newest reason) if none loads; a MismatchError (keys,
     shapes, optimizer) stops at once."""
     skipped = []
     for ckpt in _candidates(run_dir):
         try:
-            weights, state = load_checkpoint(ckpt, optimizer, restore_rng, expect)
+            weights, state = load_checkpoint(ckpt, optimizer, restore_rng, expect, check_state)
         except (CheckpointError, FileNotFoundError) as e:
             skipped.append(_one_line(e))
             continue
@@ -764,3 +847,412 @@ def resume_checkpoint(run_dir: str | Path, optimizer: torch.optim.Optimizer | No
         raise RunError(f"--resume: nothing to resume, {where} holds no checkpoint that loads ({len(skipped)} "
                        f"skipped; the newest: {skipped[0]}): start a new run with another --name")
     raise RunError(f"--resume: nothing to resume, {where} holds no checkpoint: drop --resume to start a new run")
+
+
+# ----------------------------------------------------------------------------- one writer per run, interruptions
+# A run folder is written by one process at a time: `run_lock` holds an OS-level lock (the `filelock` package:
+# flock on POSIX, released by the OS when the process dies, SIGKILL included) on `<folder>/.lock` for the whole run,
+# with its holder (pid, host, command) in `<folder>/.lock.owner.json`. `graceful_stop` turns the first SIGINT /
+# SIGTERM into a request the training loop answers between updates (checkpoint, one line, exit 130 / 143); `cli`
+# turns any other interruption and a full disk into one line.
+
+
+class Interrupted(RunError):
+    """SIGINT / SIGTERM stopped the run: `cli` prints the line (if any) and exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
+_STOP: dict[str, Any] = {"signal": None, "command": None}
+
+
+def resume_command() -> str:
+    """The command line that continues this run: the script's, with --resume (shell-quoted)."""
+    import shlex
+
+    script, argv = _STOP["command"] or (Path(sys.argv[0]).name, sys.argv[1:])
+    argv = [a for a in argv if a not in ("--resume", "--overwrite", "--no-resume")]
+    return shlex.join(["python", script, *argv, "--resume"])
+
+
+REPEAT_S = 2.0
+"""A second SIGINT / SIGTERM stops at once only this many seconds after the first: torchrun passes the Ctrl-C that
+the terminal sent to every process on to its workers, which then see it twice within milliseconds."""
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[None]:
+    """Inside: the first SIGINT (Ctrl-C) or SIGTERM only asks the loop to stop (`stop_requested`), so that the update
+    in progress finishes and a checkpoint is written; a second one stops at once (`Interrupted`, the previous
+    checkpoint stays the newest complete one), if it comes more than REPEAT_S after the first. Handlers are restored on
+    exit; outside the main thread a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if _STOP["signal"] is None:
+            _STOP["signal"], _STOP["at"] = signum, time.monotonic()
+        elif time.monotonic() - _STOP["at"] > REPEAT_S:  # not the same Ctrl-C passed on by a launcher (torchrun)
+            raise Interrupted(signum, f"{signal.Signals(signum).name} again: stopped at once; continue from the last "
+                                      f"checkpoint with: {resume_command()}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _STOP["signal"] = None
+
+
+def stop_requested() -> int | None:
+    """The signal (SIGINT / SIGTERM number) that asked the run to stop, or None."""
+    return _STOP["signal"]
+
+
+def interrupted(where: str, main_process: bool = True) -> Interrupted:
+    """The exception that ends a run stopped by `stop_requested()` once its checkpoint `where` is written."""
+    import signal
+
+    signum = stop_requested() or signal.SIGINT
+    return Interrupted(signum, f"{signal.Signals(signum).name}: stopped after {where}; continue with: "
+                               f"{resume_command()}" if main_process else "")
+
+
+def _lock_owner(path: Path) -> str:
+    owner = path.with_name(path.name + ".owner.json")
+    try:
+        o = json.loads(owner.read_text())
+        return f"process {o['pid']} on host {o['host']} (since {o['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def run_lock(lock: str | Path, what: str = "run folder", check: Callable[[], Any] = lambda: None,
+             enabled: bool = True) -> Iterator[None]:
+    """Hold the OS-level lock file `lock` (e.g. `<run>/.lock`) while the block runs: one writer per folder. Busy:
+    RunError naming the holder (pid, host). `check()` (read-only checks such as `check_fresh`) runs before the lock
+    file is created, so a run refused by it leaves nothing behind, and again once the lock is held. `enabled=False`
+    (a process other than the main one): only `check()`."""
+    import filelock
+    import socket
+
+    lock = Path(lock)
+    if not enabled:
+        check()
+        yield
+        return
+    held = filelock.FileLock(str(lock), timeout=0)
+
+    def take():
+        try:
+            held.acquire()
+        except filelock.Timeout:
+            raise RunError(f"{lock.parent} is in use by {_lock_owner(lock)}: this {what} has one writer at a time; "
+                           "wait for it to end (or stop it), or choose another name") from None
+        except OSError as e:  # a read-only folder, a file where the folder should be
+            raise RunError(f"cannot lock {lock} ({e.strerror or _one_line(e)}): choose a writable folder") from None
+
+    if lock.exists():
+        take()  # the holder of a live run is named before anything else is said about the folder
+    try:
+        check()
+        if not held.is_locked:
+            try:
+                lock.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunError(f"cannot create {lock.parent} ({e.strerror or _one_line(e)}): choose a writable "
+                               "folder") from None
+            take()
+            check()
+        write_json({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "command": _STOP["command"] or sys.argv}, lock.with_name(lock.name + ".owner.json"))
+        yield
+    finally:
+        if held.is_locked:
+            lock.with_name(lock.name + ".owner.json").unlink(missing_ok=True)
+            held.release(force=True)
+
+
+def check_not_finished(run_dir: str | Path, finished: Iterable[str], overwrite: bool, name_flag: str = "--name") -> None:
+    """ArgError if `run_dir` holds a finished model (any of `finished`, e.g. `lora` or `lora.safetensors`) and the
+    user did not pass --overwrite: a finished run is never replaced by accident (its checkpoints may be gone)."""
+    done = [f for f in finished if (Path(run_dir) / f).exists()]
+    require(overwrite or not done, name_flag, Path(run_dir).name,
+            f"{run_dir} holds a finished model ({done[0] if done else ''}): pass --overwrite to replace it, "
+            f"or choose another {name_flag}")
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` is an out-of-space error (ENOSPC, EDQUOT) while writing."""
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def check_skipped(in_a_row: int, limit: int, update: int) -> None:
+    """RunError once `limit` (> 0; --max-skipped) updates in a row were skipped for NaN/inf: a run that cannot learn
+    stops instead of saving its untrained weights as the result."""
+    if limit and in_a_row >= limit:
+        raise RunError(f"--max-skipped {limit}: {in_a_row} updates in a row were skipped (NaN/inf gradient or weights), "
+                       f"the last at update {update}: the run cannot learn; lower --lr, or check --reward's weights, "
+                       "the shortcut and the model")
+
+
+# ----------------------------------------------------------------------------- validated reading
+# One validator per kind of file the scripts read back, shared by every reader of that kind (docs/robustness.md,
+# "What is validated when read"): what fails a check is never used. A damaged run file is dropped or skipped (metrics
+# lines, checkpoints: the previous good one), a damaged cache file is rebuilt, a damaged input the user passed (a LoRA
+# folder, shortcut or classifier weights) is one line naming the file and what is wrong with it.
+
+STATE_DIGEST = "state_sha256"
+"""Key of state.json (a checkpoint's manifest) holding the sha256 of the rest of it: the manifest hashes every other
+file, this covers the manifest itself, so that a value edited by hand (`update`, `step`, a seed) is seen."""
+TENSORS_DIGEST = "tensors_sha256"
+"""Key of the metadata `save_tensors` writes into a .safetensors file: the sha256 of its names, dtypes, shapes and
+bytes, so that `load_tensors` sees a flipped byte of the data (a file outside any manifest: caches, lora.safetensors)."""
+WEIGHT_LIMIT = 1e4
+"""Largest |w| accepted in trained weights read from a file (LoRA branches, shortcut, classifier): trained weights are
+of order 1, and a weight near 1e30 overflows float32 in its first matrix product (every update then non-finite)."""
+
+
+def state_digest(state: Mapping[str, Any]) -> str:
+    """sha256 of a checkpoint's state (state.json without its "files" list and without the digest itself), over its
+    JSON with sorted keys, as written and as read back (tuples are lists, numpy numbers plain numbers)."""
+    body = json.loads(json.dumps({k: v for k, v in state.items() if k not in ("files", STATE_DIGEST)},
+                                 default=_jsonable))
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_weights_finite(tensors: Mapping[str, torch.Tensor], where: str, limit: float = WEIGHT_LIMIT) -> None:
+    """CheckpointError (one line) unless every floating tensor of `tensors` is finite with |w| ≤ `limit`: trained
+    weights read from a file (a LoRA, a shortcut, a classifier), refused before any training uses them."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{where}: {name!r} is not a tensor")
+        if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+            continue
+        if not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{where}: tensor {name!r} holds NaN/inf (a diverged or damaged file): pass the "
+                                  "weights of a finished training")
+        biggest = float(t.detach().abs().max())
+        if biggest > limit:
+            raise CheckpointError(f"{where}: tensor {name!r} holds |w| = {biggest:.3g} > {limit:g}, no trained weight "
+                                  "is that large (a damaged or rescaled file): pass the weights of a finished training")
+
+
+CONTENT_DIGEST = "content_sha256"
+"""Key of a JSON object written by `write_json_cache`: the sha256 of the rest of it (`state_digest`)."""
+
+
+def write_json_cache(obj: Mapping[str, Any], path: str | Path) -> None:
+    """`write_json` of a JSON object a script keeps between calls (e.g. minisd's report.json), with the sha256 of its
+    content (CONTENT_DIGEST), so that `read_json_cache` sees a value changed after it was written."""
+    body = {k: v for k, v in obj.items() if k != CONTENT_DIGEST}
+    write_json({**body, CONTENT_DIGEST: state_digest(body)}, path)
+
+
+def read_json_cache(path: str | Path, what: str = "it is rebuilt") -> Any:
+    """The JSON a script keeps between calls (a cache, a benchmark's finished-run record), or None when it is missing;
+    a damaged one — not JSON, or a `write_json_cache` object whose checksum does not match — is removed, with one line
+    saying so (`what`: what happens instead), and is None too. The checksum key is not returned."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(obj, dict) and CONTENT_DIGEST in obj:
+            if obj.pop(CONTENT_DIGEST) != state_digest(obj):
+                raise ValueError("changed after it was written: its checksum does not match")
+        return obj
+    except (ValueError, OSError) as e:
+        print(f"{path} is damaged ({_one_line(e)[:120]}): {what}", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def load_cached_tensors(path: str | Path, use: Callable[[dict[str, torch.Tensor]], Any],
+                        dtype: torch.dtype | None = torch.float32) -> bool:
+    """Load a cache file of tensors and hand them to `use` (e.g. a model's load_state_dict): True when it did. False
+    when the file is missing, or damaged — unreadable, NaN/inf, another checksum, a tensor not of `dtype`, keys or
+    shapes `use` refuses —, in which case it is removed with one line saying so, and the caller rebuilds it."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        tensors = load_tensors(path)
+        wrong = [k for k, t in tensors.items() if dtype is not None and t.dtype != dtype]
+        if wrong:
+            raise CheckpointError(f"tensor {wrong[0]!r} is {tensors[wrong[0]].dtype}, not {dtype}")
+        use(tensors)
+        return True
+    except (CheckpointError, RuntimeError, ValueError, KeyError, TypeError, OSError) as e:
+        print(f"cache file {path} is damaged ({_one_line(e)[:160]}): rebuilding it", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return False
+
+
+def _is_int(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_python_random_state(value: Any, what: str) -> tuple:
+    """`value` (a `random.getstate()` as JSON lists) as a state `random.setstate` takes; ValueError (one line) if it is
+    not one (tried on a throwaway generator)."""
+    try:
+        state = _tuplify(value)
+        random.Random().setstate(state)
+        return state
+    except (TypeError, ValueError, OverflowError, IndexError):
+        raise ValueError(f"{what} is not a Python random state") from None
+
+
+def _check_rng(tensors: Mapping[str, torch.Tensor], meta: Any) -> None:
+    """rng.safetensors and state.json's "rng": each state restorable, tried on throwaway generators (the run's own are
+    set only once everything passed)."""
+    if not isinstance(meta, dict) or "python" not in meta or "numpy" not in meta:
+        raise ValueError("its RNG state lacks the Python or numpy generator")
+    check_python_random_state(meta["python"], "its Python RNG state")
+    try:
+        kind, keys, *rest = meta["numpy"]
+        keys = np.array(keys, dtype=np.int64)
+        if keys.shape != (624,) or keys.min() < 0 or keys.max() >= 2**32:
+            raise ValueError
+        np.random.RandomState().set_state((kind, keys.astype(np.uint32), *rest))
+    except (TypeError, ValueError, OverflowError, IndexError):
+        raise ValueError("its numpy RNG state is not one") from None
+    for name, t in tensors.items():
+        if name != "torch" and not re.fullmatch(r"cuda\.\d+", name):
+            raise ValueError(f"rng.safetensors holds an unknown tensor {name!r}")
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise ValueError(f"RNG tensor {name!r} is {t.dtype} of shape {tuple(t.shape)}, not a uint8 vector")
+    if "torch" not in tensors:
+        raise ValueError("rng.safetensors lacks the torch CPU generator")
+    try:
+        torch.Generator().set_state(tensors["torch"])
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"RNG tensor 'torch' has {tensors['torch'].numel()} bytes, not a torch CPU generator "
+                         f"state ({torch.get_rng_state().numel()})") from None
+
+
+def _check_optimizer_meta(optimizer: torch.optim.Optimizer | None, tensors: Mapping[str, torch.Tensor],
+                          meta: Any) -> None:
+    """state.json's "optimizer" and optimizer.safetensors are what `optimizer_tensors` writes: param groups of integer
+    parameter indices, per-parameter entries named `<index>.<key>` with an index in range."""
+    groups = meta.get("param_groups") if isinstance(meta, dict) else None
+    if not isinstance(groups, list) or not isinstance(meta.get("scalars"), dict) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and all(_is_int(i) for i in g["params"])
+            for g in groups):
+        raise ValueError("its optimizer state is not one (param_groups, scalars)")
+    indices = [i for g in groups for i in g["params"]]
+    if indices != list(range(len(indices))):
+        raise ValueError("its optimizer param groups do not number the parameters 0, 1, …")
+    keys: dict[str, set] = {}
+    for name in list(tensors) + list(meta["scalars"]):
+        idx, dot, key = name.partition(".")
+        if not (dot and key and idx.isdigit() and int(idx) < len(indices)):
+            raise ValueError(f"optimizer entry {name!r} names no parameter of its param groups")
+        keys.setdefault(idx, set()).add(key)
+    if len({frozenset(k) for k in keys.values()}) > 1:
+        raise ValueError("its optimizer state holds other entries for some parameters than for others")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(f"optimizer tensor {name!r} is {t.dtype}, not floating point")
+    if optimizer is not None:
+        now = optimizer.param_groups
+        for g in groups:
+            missing = [k for k in now[0] if k != "params" and k not in g] if now else []
+            if missing:
+                raise ValueError(f"its optimizer param group lacks {missing[0]!r}")
+
+
+def check_checkpoint(ckpt: Path, state: Any, tensors: Mapping[str, Mapping[str, torch.Tensor]],
+                     optimizer: torch.optim.Optimizer | None = None,
+                     expect: Mapping[str, Any] | None = None,
+                     check_state: Callable[[dict], Any] | None = None) -> None:
+    """Everything `load_checkpoint` will use, checked before any of it is used: state.json a JSON object whose
+    checksum (STATE_DIGEST) matches and whose `step` is the folder's; the RNG and optimizer states restorable; the
+    weights of `expect`'s dtypes (keys and shapes: `check_weights`, a MismatchError); `check_state(state)` (the
+    script's own keys, e.g. spent, skipped) raising no ValueError, KeyError or TypeError. CheckpointError (one line)
+    naming the first problem."""
+    try:
+        if not isinstance(state, dict):
+            raise ValueError("state.json is not a JSON object")
+        unlisted = [f"{n}.safetensors" for n in tensors if f"{n}.safetensors" not in state.get("files", {})]
+        if unlisted:
+            raise ValueError(f"its manifest does not list {unlisted[0]}")
+        if STATE_DIGEST in state and state[STATE_DIGEST] != state_digest(state):
+            raise ValueError("state.json was changed after it was written (its checksum does not match)")
+        m = _STEP.search(ckpt.name)  # step_N, .step_N.tmp, .step_N.old
+        step = int(m.group(1)) if m else None
+        if not _is_int(state.get("step")) or (step is not None and state["step"] != step):
+            raise ValueError(f"state.json's step {state.get('step')!r} is not the folder's ({step})")
+        _check_rng(tensors["rng"], state.get("rng"))
+        _check_optimizer_meta(optimizer, tensors["optimizer"], state.get("optimizer"))
+        if check_state is not None:
+            check_state(state)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        what = f"missing {e}" if isinstance(e, KeyError) else _one_line(e)
+        raise CheckpointError(f"{ckpt}: {what}") from None
+    check_weights_finite(tensors["weights"], str(ckpt))  # trained weights of an absurd size: a damaged file
+    if expect is not None:
+        check_weights(tensors["weights"], expect, str(ckpt))
+        wrong = [k for k, v in expect.items() if isinstance(v, torch.Tensor) and tensors["weights"][k].dtype != v.dtype]
+        if wrong:
+            raise CheckpointError(f"{ckpt}: weight {wrong[0]} is {tensors['weights'][wrong[0]].dtype}, the model's "
+                                  f"{expect[wrong[0]].dtype} (a damaged file)")
+
+
+def check_run_state(state: Mapping[str, Any], keys: Iterable[str] = ()) -> None:
+    """The loop state both training scripts checkpoint: `skipped` a count, `spent` (budget.Spent) with `updates` equal
+    to the checkpoint's step and finite non-negative amounts, and each of `keys` present. KeyError or ValueError."""
+    for k in ("skipped", "spent", *keys):
+        if k not in state:
+            raise KeyError(k)
+    if not _is_int(state["skipped"]) or state["skipped"] > state["step"]:
+        raise ValueError(f"its skipped count {state['skipped']!r} is not a count of at most {state['step']} updates")
+    spent = state["spent"]
+    if not isinstance(spent, dict) or set(spent) != {"updates", "gflop", "cpu_seconds", "seconds"}:
+        raise ValueError("its spent budget is not updates, gflop, cpu_seconds, seconds")
+    if spent["updates"] != state["step"] or not _is_int(spent["updates"]):
+        raise ValueError(f"its spent updates {spent['updates']!r} are not its step {state['step']}")
+    if not all(_is_number(spent[k]) and spent[k] >= 0 for k in ("gflop", "cpu_seconds", "seconds")):
+        raise ValueError("its spent budget holds a negative or non-finite amount")
+
+
+def metrics_record(line: bytes | str) -> dict | None:
+    """One line of metrics.jsonl as its record, or None when it is damaged: not UTF-8, not a JSON object, or with an
+    `update` that is not a non-negative integer (every reader selects and truncates rows by it)."""
+    try:
+        row = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(row, dict) or ("update" in row and not _is_int(row["update"])):
+        return None
+    return row
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (e.g. to see later whether a finished run's metrics.jsonl changed)."""
+    return _sha256(Path(path))

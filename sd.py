@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -425,6 +426,18 @@ def decode(vae, latents: torch.Tensor, checkpoint: bool = False) -> torch.Tensor
     return ((x + 1) / 2).clamp(0, 1)
 
 
+def check_sampler_inputs(prompts: Sequence[str], seeds: Sequence[int], batch: int) -> None:
+    """TypeError / ValueError saying what to pass unless `prompts` is a non-empty list of strings with one seed each
+    and `batch` a positive integer (a library caller's mistakes would otherwise loop forever, or not at all)."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if not prompts or len(seeds) != len(prompts):
+        raise ValueError(f"give one or more prompts and one seed per prompt, got {len(prompts)} prompts and "
+                         f"{len(seeds)} seeds")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer (images per sampler call), got {batch!r}")
+
+
 @torch.no_grad()
 def sample(c: dict, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence[int], guidance: float = 7.5,
            points: Sequence[int] | None = None, timestep_aware: bool = True, model: str = shortft.TUNED,
@@ -432,6 +445,7 @@ def sample(c: dict, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence
     """The ordinary N-step DDIM + CFG sampler (`shortft.sampling_chain(grid, points, model)`: TUNED where a LoRA
     acts, BASE elsewhere; model=BASE samples the base) from one fixed seed per prompt; images (B, 3, H, W) on CPU.
     `c` holds the components `load_components` returns. The fine-tuned model is exactly this sampler."""
+    check_sampler_inputs(prompts, seeds, batch)
     unet, vae, tok, te = c["unet"], c["vae"], c["tokenizer"], c["text_encoder"]
     cache = {} if cache is None else cache
     device = next(unet.parameters()).device
@@ -509,19 +523,145 @@ def save_lora(unet, out_dir: str | Path, grid: Sequence[int], points: Sequence[i
     return Path(out_dir)
 
 
-def read_lora_layout(lora_dir: str | Path) -> dict:
-    """The `shortft.json` of a saved LoRA folder; a folder without it gives one clear line."""
+def read_lora_layout(lora_dir: str | Path, model=None) -> dict:
+    """The `shortft.json` of a saved LoRA folder, once the folder passed every check — the one validator of a LoRA
+    folder, shared by `load_lora`, `prepare_pipeline` and sd3's: its manifest (MANIFEST.json, or state.json in a
+    checkpoint) matches every file; shortft.json matches its schema (`check_lora_layout`); every branch file holds
+    finite LoRA pairs of one rank, the same keys and shapes in every branch, and, with `model` (the UNet or
+    transformer it goes into), modules of that model with its shapes (`check_lora_files`). A missing folder or file:
+    FileNotFoundError; anything damaged: ValueError; both one line naming the folder."""
     lora_dir = Path(lora_dir)
+    where = f"LoRA folder {str(lora_dir)!r}"
     if not lora_dir.is_dir():
-        raise FileNotFoundError(f"LoRA folder {str(lora_dir)!r} does not exist")
+        raise FileNotFoundError(f"{where} {'is a file, not a folder' if lora_dir.exists() else 'does not exist'}: "
+                                "pass the lora/ folder train_sd.py writes (runs/<name>/lora)")
     if not (lora_dir / LORA_JSON).is_file():
-        raise FileNotFoundError(f"LoRA folder {str(lora_dir)!r} has no {LORA_JSON}: it says which branch acts at which "
+        raise FileNotFoundError(f"{where} has no {LORA_JSON}: it says which branch acts at which "
                                 f"timestep; pass a folder written by train_sd.py (runs/<name>/lora)")
-    layout = json.loads((lora_dir / LORA_JSON).read_text())
+    manifest = next((m for m in ("MANIFEST.json", "state.json") if (lora_dir / m).is_file()), None)
+    problem = manifest and runio.folder_problem(lora_dir, manifest)
+    if manifest and not problem:
+        listed = json.loads((lora_dir / manifest).read_text())["files"]
+        problem = next((f"{manifest} does not list {f}" for f in sorted(p.name for p in lora_dir.iterdir())
+                        if f.endswith((".json", ".safetensors")) and f != manifest and f not in listed), None)
+    if problem:
+        raise ValueError(f"{where} is damaged or was changed after it was written ({problem}): write it again "
+                         f"(train_sd.py --resume), or delete {manifest} if you edited it on purpose")
+    try:
+        layout = json.loads((lora_dir / LORA_JSON).read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{where}: {LORA_JSON} is not readable JSON ({runio._one_line(e)[:120]})") from None
+    check_lora_layout(layout, where)
     missing = [f for f in layout["files"] if not (lora_dir / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"LoRA folder {str(lora_dir)!r} lacks {', '.join(missing)} listed in {LORA_JSON}")
+        raise FileNotFoundError(f"{where} lacks {', '.join(missing)} listed in {LORA_JSON}")
+    check_lora_files(lora_dir, layout["files"], model, where)
     return layout
+
+
+def check_lora_layout(layout, where: str = "LoRA folder") -> None:
+    """ValueError (one line) unless `layout` is a shortft.json as `write_layout` writes it: `grid` a non-empty strictly
+    decreasing list of timesteps in [0, 1000] (with `timestep_spacing` "leading": the DDIM grid of its length);
+    `lora_points` null or a non-empty strictly decreasing list of grid
+    timesteps ending at its last step; `timestep_aware` true or false; `adapters` tuned_1 … tuned_k, k =
+    shortft.num_loras(points, timestep_aware); `files` <adapter>.safetensors; `guidance_scale` a finite number ≥ 0;
+    the optional `t5` a bool and `t5_tokens` an integer in [0, 512]."""
+    def fail(what: str):
+        raise ValueError(f"{where}: {LORA_JSON} {what}: write the folder again with train_sd.py (runs/<name>/lora)")
+
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if not isinstance(layout, dict):
+        fail(f"holds a {type(layout).__name__}, not a JSON object")
+    need = ("adapters", "files", "lora_points", "timestep_aware", "grid", "guidance_scale")
+    absent = [k for k in need if k not in layout]
+    if absent:
+        fail(f"lacks {', '.join(map(repr, absent))}")
+    grid, points, aware = layout["grid"], layout["lora_points"], layout["timestep_aware"]
+    if not (isinstance(grid, list) and grid and all(number(t) and 0 <= t <= 1000 for t in grid)
+            and all(a > b for a, b in zip(grid, grid[1:]))):
+        fail("'grid' is not a non-empty strictly decreasing list of timesteps in [0, 1000]")
+    if layout.get("timestep_spacing") == "leading" and (grid[-1] != int(grid[-1]) or len(grid) > 1000 or grid !=
+                                                        shortft.ddim_timesteps(len(grid), 1000, "leading", int(grid[-1]))):
+        fail(f"'grid' ({len(grid)} steps, {grid[0]:g} … {grid[-1]:g}) is not a DDIM grid with leading spacing")
+    if not isinstance(aware, bool):
+        fail(f"'timestep_aware' is {aware!r}, not true or false")
+    if points is not None:
+        if not (isinstance(points, list) and points and all(number(p) for p in points)):
+            fail(f"'lora_points' is {str(points)[:60]}, not null or a non-empty list of timesteps")
+        off = [p for p in points if not any(abs(p - t) <= 1e-6 * max(1.0, abs(t)) for t in grid)]
+        if off:
+            fail(f"'lora_points' {off[:3]} are not on its {len(grid)}-step grid")
+        if any(a <= b for a, b in zip(points, points[1:])):
+            fail(f"'lora_points' {points} are not strictly decreasing")
+        if abs(points[-1] - grid[-1]) > 1e-6 * max(1.0, abs(grid[-1])):
+            fail(f"'lora_points' end at {points[-1]}, not at the grid's last step {grid[-1]}")
+    names = shortft.lora_names(shortft.num_loras(points, aware))
+    if layout["adapters"] != names:
+        fail(f"'adapters' is {str(layout['adapters'])[:80]}, its LoRA points need {names}")
+    if layout["files"] != [f"{n}.safetensors" for n in names]:
+        fail(f"'files' is {str(layout['files'])[:80]}, not {', '.join(f'{n}.safetensors' for n in names)}")
+    if not (number(layout["guidance_scale"]) and layout["guidance_scale"] >= 0):
+        fail(f"'guidance_scale' is {layout['guidance_scale']!r}, not a finite number ≥ 0")
+    if "t5" in layout and not isinstance(layout["t5"], bool):
+        fail(f"'t5' is {layout['t5']!r}, not true or false")
+    tokens = layout.get("t5_tokens", 0)
+    if not (isinstance(tokens, int) and not isinstance(tokens, bool) and 0 <= tokens <= 512):
+        fail(f"'t5_tokens' is {tokens!r}, not an integer in [0, 512]")
+
+
+_LORA_KEY = re.compile(r"(unet|transformer)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight")
+
+
+def check_lora_files(lora_dir: str | Path, files: Sequence[str], model=None, where: str = "LoRA folder") -> None:
+    """ValueError (one line) unless every branch file is readable safetensors holding only LoRA pairs (`<prefix>.<module>
+    .lora_A/lora_B.weight`, or `.lora.down/.lora.up.weight`; prefix unet or transformer), each pair of one rank,
+    floating, finite and of trained size (runio.check_weights_finite), with the same keys and shapes in every file;
+    with `model`, each module one of `model`'s whose weight has the pair's input and output sizes."""
+    from safetensors.torch import load_file
+
+    first = None
+    for file in files:
+        path = Path(lora_dir) / file
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors' own error, OSError, …: not readable safetensors
+            raise ValueError(f"{where}: {file} is not a readable .safetensors file ({type(e).__name__})") from None
+        try:
+            runio.check_weights_finite(tensors, f"{where}: {file}")
+        except runio.CheckpointError as e:
+            raise ValueError(str(e)) from None
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            m = _LORA_KEY.fullmatch(key)
+            if m is None or not t.is_floating_point() or t.dim() < 2:
+                raise ValueError(f"{where}: {file} holds {key!r} ({t.dtype}, {tuple(t.shape)}), not a LoRA matrix: "
+                                 "pass a folder written by train_sd.py")
+            pairs.setdefault(f"{m.group(1)}.{m.group(2)}", {})["A" if m.group(3) in ("lora_A", "lora.down") else "B"] = t
+        if not pairs:
+            raise ValueError(f"{where}: {file} holds no LoRA weights")
+        for module, ab in pairs.items():
+            if set(ab) != {"A", "B"} or ab["A"].shape[0] != ab["B"].shape[1]:
+                raise ValueError(f"{where}: {file}: {module} has no matching lora_A/lora_B pair (one rank)")
+        shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+        if first is None:
+            first = (file, shapes)
+        elif shapes != first[1]:
+            raise ValueError(f"{where}: {file} holds other keys or shapes than {first[0]}: every branch is one LoRA "
+                             "setup (targets, rank)")
+        if model is not None and file == files[0]:
+            for module, ab in pairs.items():
+                name = module.split(".", 1)[1]
+                try:
+                    layer = model.get_submodule(name)
+                except AttributeError:
+                    raise ValueError(f"{where}: {file}: this model has no module {name!r} (a LoRA of another "
+                                     "model?)") from None
+                base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+                w = getattr(base, "weight", None)
+                if w is None or w.dim() < 2 or ab["B"].shape[0] != w.shape[0] or ab["A"].shape[1] != w.shape[1]:
+                    raise ValueError(f"{where}: {file}: {name} is {tuple(ab['A'].shape[1:2])} → "
+                                     f"{tuple(ab['B'].shape[:1])} in the LoRA, {None if w is None else tuple(w.shape)}"
+                                     " in this model (a LoRA of another model?)")
 
 
 def load_lora(unet, lora_dir: str | Path) -> dict:
@@ -530,7 +670,7 @@ def load_lora(unet, lora_dir: str | Path) -> dict:
     timestep_aware=layout["timestep_aware"])`."""
     from diffusers import StableDiffusionPipeline
 
-    layout = read_lora_layout(lora_dir)
+    layout = read_lora_layout(lora_dir, unet)
     for name, file in zip(layout["adapters"], layout["files"]):
         state_dict, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(lora_dir), weight_name=file,
                                                                            return_lora_metadata=True)
@@ -551,7 +691,7 @@ def prepare_pipeline(pipe, lora_dir: str | Path) -> dict:
     from diffusers import DDIMScheduler
 
     lora_dir = Path(lora_dir)
-    layout = read_lora_layout(lora_dir)
+    layout = read_lora_layout(lora_dir, getattr(pipe, "unet", None) or getattr(pipe, "transformer", None))
     if layout.get("t5") is False and getattr(pipe, "text_encoder_3", None) is not None:
         warnings.warn("these branches were trained without T5 (its prompt tokens were zeros): load the pipeline with "
                       "text_encoder_3=None, tokenizer_3=None to sample the model that was trained", stacklevel=2)

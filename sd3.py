@@ -219,6 +219,7 @@ def sample(c: dict, prompts: Sequence[str], seeds: Sequence[int], grid: Sequence
     """The ordinary N-step Euler + CFG sampler (`shortft.sampling_chain(grid, points, model)`: TUNED where a LoRA
     acts, BASE elsewhere; model=BASE samples the base) from one fixed seed per prompt; images (B, 3, H, W) on CPU.
     `c` holds the components `load_components` returns. The fine-tuned model is exactly this sampler."""
+    sd.check_sampler_inputs(prompts, seeds, batch)
     transformer, vae = c["transformer"], c["vae"]
     cache = {} if cache is None else cache
     device = next(transformer.parameters()).device
@@ -270,7 +271,7 @@ def load_lora(transformer, lora_dir: str | Path) -> dict:
     points=layout["lora_points"], timestep_aware=layout["timestep_aware"])`."""
     from diffusers import StableDiffusion3Pipeline
 
-    layout = read_lora_layout(lora_dir)
+    layout = read_lora_layout(lora_dir, transformer)
     for name, file in zip(layout["adapters"], layout["files"]):
         state_dict, meta = StableDiffusion3Pipeline.lora_state_dict(str(lora_dir), weight_name=file,
                                                                     return_lora_metadata=True)

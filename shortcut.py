@@ -313,6 +313,26 @@ def resolve_shortcut(name_or_path: str, local_files_only: bool = False) -> tuple
         ) from None
 
 
+def read_lora_file(file: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a shortcut LoRA file, checked before any training uses them: readable safetensors, every weight
+    finite and of trained size (runio.check_weights_finite: a NaN or rescaled file would make every update NaN).
+    ValueError (one line) naming the file."""
+    import runio
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' own error, OSError, …
+        raise ValueError(f"{file} is not a readable .safetensors file ({type(e).__name__})") from None
+    try:
+        runio.check_weights_finite(tensors, f"shortcut LoRA {file}")
+    except runio.CheckpointError as e:
+        raise ValueError(str(e)) from None
+    return tensors
+
+
 def load_shortcut_lora(unet: torch.nn.Module, file: str | Path, adapter_name: str = "shortcut",
                        lora_scale: float = 1.0) -> list[torch.nn.Parameter]:
     """Load a distillation LoRA (.safetensors) into the denoiser `unet` — SD1.5's UNet (diffusers or Kohya format,
@@ -321,17 +341,17 @@ def load_shortcut_lora(unet: torch.nn.Module, file: str | Path, adapter_name: st
     shortcut would silently drop the trainable LoRA there). Returns its parameters. Afterwards only `adapter_name` is
     active: set the adapters you want with `set_active_adapters`."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline
-    from safetensors.torch import load_file
 
+    tensors = read_lora_file(file)
     if isinstance(unet, SD3Transformer2DModel):
         what, prefix = "SD3 transformer", "transformer."
-        state_dict = StableDiffusion3Pipeline.lora_state_dict(load_file(str(file)))
+        state_dict = StableDiffusion3Pipeline.lora_state_dict(tensors)
 
         def load():
             StableDiffusion3Pipeline.load_lora_into_transformer(state_dict, unet, adapter_name=adapter_name)
     else:
         what, prefix = "UNet", "unet."
-        state_dict, alphas = StableDiffusionPipeline.lora_state_dict(load_file(str(file)))
+        state_dict, alphas = StableDiffusionPipeline.lora_state_dict(tensors)
 
         def load():
             StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name=adapter_name)

@@ -598,6 +598,8 @@ def active_loras(t, points: Sequence[float] | None = None, timestep_aware: bool 
     if points is None:
         return (0,)
     t, points = timestep(t), list(points)
+    if not points or any(a <= b for a, b in zip(points, points[1:])):
+        raise ValueError(f"LoRA points {points} must be non-empty and strictly decreasing (shortft.check_lora_points)")
     if t >= points[0]:
         return (0,)
     if t not in points:
@@ -643,8 +645,7 @@ def stage_at(progress: float, k: int, fractions: Sequence[float] = ()) -> int:
 
 def _next_point(grid: Sequence[float], t) -> int | float:
     """The grid point after t (CLEAN after the last)."""
-    i = list(grid).index(t)
-    return grid[i + 1] if i + 1 < len(grid) else CLEAN
+    return [*grid, CLEAN][list(grid).index(t) + 1]
 
 
 def _original_steps(grid, t_from, t_to, points, **kw) -> list[Segment]:
@@ -759,8 +760,7 @@ def guarded_step(
         raise ValueError(f"max_grad_norm must be a finite number ≥ 0 (0 or None: no clipping), got {max_grad_norm!r}")
     norm = grad_norm(params)
     if not torch.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        for p in params:
+        for p in [*params, *(q for g in optimizer.param_groups for q in g["params"])]:  # the optimizer's and `params`
             p.grad = None
         return False, float(norm)
     if max_grad_norm:

@@ -39,9 +39,10 @@ def tiny_tokenizer(path: str | Path):
     return tok
 
 
-def tiny_clip(path: str | Path, image_size: int = 32, projection_dim: int = 16):
-    """A CLIPModel (text + vision towers, random init) with its tokenizer, saved to `path`.
-    Stands in for CLIP ViT-L/14 / ViT-H/14 reward backbones."""
+def tiny_clip(path: str | Path, image_size: int = 32, projection_dim: int = 16, seed: int = 0):
+    """A CLIPModel (text + vision towers, random init from `seed`, the global RNG untouched) with its tokenizer, saved
+    to `path`. Stands in for CLIP ViT-L/14 / ViT-H/14 reward backbones."""
+    import torch
     from transformers import CLIPConfig, CLIPModel
 
     vocab, _ = _byte_vocab()
@@ -53,7 +54,9 @@ def tiny_clip(path: str | Path, image_size: int = 32, projection_dim: int = 16):
                            image_size=image_size, patch_size=8, projection_dim=projection_dim),
         projection_dim=projection_dim,
     )
-    model = CLIPModel(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
     model.save_pretrained(str(path))
     tiny_tokenizer(path)
     return model

@@ -84,8 +84,14 @@ class WorldArgs:
     """λ_jvp: weight of the Jacobian-vector-product term of distillation (0 = value matching only)"""
     distill_weight_power: float = 2.0
     """p of the per-jump loss weight (|b_{t→s}| + 0.1)^(−p): 0 = x-space, 2 = ε-space (shortcut.py)"""
+    shortcut: str = "distilled"
+    """what a chain's jump runs (SHORTCUTS): 'distilled' (the distilled LoRA), 'base' (the base's own one DDIM step
+    over the jump, with CFG), 'zero' (the shortcut LoRA at zero: the base's one DDIM step without CFG); the last two
+    are shortcuts of lower quality, for measuring what progressive training is for"""
 
 
+SHORTCUTS = ("distilled", "base", "zero")
+"""What a jump can run (WorldArgs.shortcut): the distilled LoRA; the base's DDIM step with CFG; the zero LoRA."""
 MAX_SIZE = 1 << 16
 """Sanity bound of every count and width of the toy (batches, widths, ranks, modes): a larger value is a typo that
 would exhaust memory."""
@@ -114,12 +120,14 @@ def check_world_args(w: WorldArgs) -> None:
     runio.require_range("distill_chain_jumps", w.distill_chain_jumps, 0, 1)
     runio.require_range("jvp_weight", w.jvp_weight, 0, 1e3)
     runio.require_range("distill_weight_power", w.distill_weight_power, -10, 10)
+    runio.require(w.shortcut in SHORTCUTS, "shortcut", w.shortcut, f"use {', '.join(SHORTCUTS)}")
 
 
 CACHE_VERSION = 3  # bump when the model or a cached stage changes
 BASE_FIELDS = ("world_seed", "radius", "modes", "classes", "mode_std", "hidden", "depth", "pretrain_steps",
                "pretrain_batch", "p_uncond")
-SHORTCUT_FIELDS = tuple(f.name for f in dataclasses.fields(WorldArgs) if f.name != "cache_dir")
+SHORTCUT_FIELDS = tuple(f.name for f in dataclasses.fields(WorldArgs) if f.name not in ("cache_dir", "shortcut"))
+"""The fields the distilled shortcut depends on (`shortcut` only picks what a jump runs, after distillation)."""
 NUM_STEPS = 50  # the grid the shortcut is distilled on and every chain runs on (SD1.5's sampler)
 
 
@@ -199,6 +207,7 @@ class Toy:
     points: tuple[int, ...] | None = None  # LoRA points (None: one LoRA at every step)
     timestep_aware: bool = True
     layers: list = field(default_factory=list)  # peft tuner layers (switched on every call)
+    shortcut: str = "distilled"  # what a jump runs (WorldArgs.shortcut)
 
     def active(self, t: int) -> list[str]:
         """The adapters the tuned model uses at timestep t (shortft.active_loras)."""
@@ -237,7 +246,8 @@ def make_denoisers(world: Toy, cond: torch.Tensor) -> dict:
 
     BASE      the frozen pretrained model, no adapter, with CFG
     TUNED     the adapters world.active(t) picks (stacked LoRA_1 + … + LoRA_i at p_i; none: the base), with CFG
-    SHORTCUT  the frozen shortcut adapter only, no CFG, told the jump end s
+    SHORTCUT  the frozen shortcut adapter only, no CFG, told the jump end s (world.shortcut 'distilled' or 'zero');
+              with world.shortcut 'base', the base with CFG at t, i.e. the base's one DDIM step t → s
 
     Ordinary ε-models are given s = t (the base ignores s; the tuned LoRAs have no adapter on inp_s)."""
 
@@ -251,6 +261,8 @@ def make_denoisers(world: Toy, cond: torch.Tensor) -> dict:
         return eps(world, world.active(t), x, vec(t), vec(t), cond)
 
     def short(x, t, s):
+        if world.shortcut == "base":
+            return base(x, t)
         return eps(world, ["shortcut"], x, vec(t), vec(s), cond, guided=False)
 
     return {BASE: base, TUNED: tuned, SHORTCUT: short}
@@ -372,10 +384,9 @@ def build_toy(w: WorldArgs, points: Sequence[int] | None = None, timestep_aware:
     cache = Path(w.cache_dir)
     t0 = time.perf_counter()
     base_path = cache / f"base_{cache_key(w, BASE_FIELDS)}.safetensors"
-    hit = base_path.is_file()
+    model = EpsMLP(w.hidden, w.depth, w.classes)
+    hit = runio.load_cached_tensors(base_path, model.load_state_dict)  # a damaged cache file is rebuilt
     if hit:
-        model = EpsMLP(w.hidden, w.depth, w.classes)
-        model.load_state_dict(runio.load_tensors(base_path))
         model.requires_grad_(False)
     else:
         model = pretrain_base(w, schedule)
@@ -390,14 +401,17 @@ def build_toy(w: WorldArgs, points: Sequence[int] | None = None, timestep_aware:
         add_lora(model, name, lora_rank, lora_alpha, seed * 1000 + 3 + i, [n for n in targets if n != "inp_s"])
     model.requires_grad_(False)
     world = Toy(model, schedule, grid, w.guidance, w.classes, names,
-                None if points is None else tuple(points), timestep_aware, shortcut.lora_layers(model))
+                None if points is None else tuple(points), timestep_aware, shortcut.lora_layers(model), w.shortcut)
 
     t0 = time.perf_counter()
     sc_path = cache / f"shortcut_{cache_key(w, SHORTCUT_FIELDS)}.safetensors"
-    hit = sc_path.is_file()
-    if hit:
-        shortcut.load_adapter_state_dict(model, "shortcut", runio.load_tensors(sc_path))
+    init = {k: v.clone() for k, v in shortcut.adapter_state_dict(model, "shortcut").items()}
+    if w.shortcut == "zero":  # the LoRA as injected: B = 0, so a jump is the base's DDIM step without CFG
+        hit = True
     else:
+        hit = runio.load_cached_tensors(sc_path, lambda t: shortcut.load_adapter_state_dict(model, "shortcut", t))
+    if not hit:
+        shortcut.load_adapter_state_dict(model, "shortcut", init)  # a damaged file may have been copied in part
         distill_shortcut(w, world)
         runio.save_tensors(shortcut.adapter_state_dict(model, "shortcut"), sc_path)
     if log:

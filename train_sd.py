@@ -23,6 +23,7 @@ Run: python train_sd.py --tiny        (CPU, under a minute: tiny random SD, 4 up
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
 import sys
@@ -147,6 +148,10 @@ class Args(chain_args.ChainArgs):
     settings of the model and the method (RESUME_KEYS) must be the saved run's"""
     log_with: str = ""
     """extra trackers through accelerate: tensorboard, wandb (metrics.jsonl is always written)"""
+    overwrite: bool = False
+    """a new run replaces the run the folder holds (a finished lora/, checkpoints); without it such a folder is refused"""
+    max_skipped: int = 20
+    """stop (one line, exit 2) after this many updates in a row skipped for NaN/inf gradients or weights (0: never)"""
 
 
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(chain_args.ChainArgs)) + (
@@ -270,6 +275,11 @@ def check_args(args: Args) -> None:
     runio.require_range("eval_samples", args.eval_samples, 1)
     runio.require_range("eval_batch", args.eval_batch, 1, 1024)
     runio.require_range("save_every", args.save_every, 0, what="0: only at the end")
+    runio.require_range("max_skipped", args.max_skipped, 0, what="0: never stop")
+    if "digit" in dict(rewards.parse_reward_spec(args.reward)):  # a prompt the digit reward cannot read: now, not later
+        for flag, n in (("train_prompts", None), ("eval_prompts", args.eval_samples)):
+            for prompt in sd.load_prompts(sd.find_file(getattr(args, flag)))[:n]:
+                runio.check_arg(flag, getattr(args, flag), rewards.digit_in_prompt, prompt)
     if args.log_with:
         runio.require(args.log_with in TRACKERS, "log_with", args.log_with, f"use one of {', '.join(TRACKERS)}")
         found = any(importlib.util.find_spec(m) for m in ((args.log_with, "tensorboardX")
@@ -291,13 +301,29 @@ def apply_tiny(args: Args, build: bool = True) -> Args:
     model, sc = (root / "sd3", root / "shortcut_sd3_lora.safetensors") if args.tiny_sd3 else \
         (root / "sd", root / "shortcut_lora.safetensors")
     if build:
-        (tiny.tiny_sd3 if args.tiny_sd3 else tiny.tiny_sd)(model)
-        if not (root / "clip" / "config.json").is_file():
-            tiny.tiny_clip(root / "clip")
+        tiny_part(model, "model_index.json", tiny.tiny_sd3 if args.tiny_sd3 else tiny.tiny_sd)
+        tiny_part(root / "clip", "config.json", tiny.tiny_clip)
         if not sc.is_file():
             tiny.tiny_shortcut_lora(sc, model / ("transformer" if args.tiny_sd3 else "unet"))
     tiny_files = dict(model=str(model), reward="clipscore", clip_model=str(root / "clip"), shortcut=str(sc))
     return dataclasses.replace(args, **{k: v for k, v in tiny_files.items() if not keep(k)})
+
+
+def tiny_part(path: Path, marker: str, build) -> None:
+    """A folder of --tiny's files, kept between runs: reused when whole — its MANIFEST.json matches every file, or,
+    built before manifests, it holds `marker` —, else built by `build(folder)` as a whole (runio.atomic_folder, with a
+    manifest); a damaged one is rebuilt with one line saying so (the build is seeded: the same files again)."""
+    if (path / "MANIFEST.json").is_file():
+        problem = runio.folder_problem(path)
+        if problem is None:
+            return
+        print(f"--tiny: {path} is damaged ({problem}): rebuilding it", file=sys.stderr)
+        shutil.rmtree(path)
+    elif (path / marker).is_file():
+        return
+    shutil.rmtree(path, ignore_errors=True)  # a build killed half-way
+    with runio.atomic_folder(path) as tmp:
+        build(tmp)
 
 
 def user_error(e: Exception) -> runio.RunError:
@@ -305,11 +331,18 @@ def user_error(e: Exception) -> runio.RunError:
     return runio.RunError(" ".join(str(e).split()))
 
 
+def check_state(state: dict, k: int) -> None:
+    """What --resume reads from a checkpoint's state.json besides the RNG and optimizer (runio.check_checkpoint): the
+    loop's counters (runio.check_run_state) and the stage, one of 1 … k. ValueError or KeyError: the checkpoint is
+    skipped for the previous one."""
+    runio.check_run_state(state, ("stage",))
+    if state["stage"] is not None and not (isinstance(state["stage"], int) and 1 <= state["stage"] <= k):
+        raise ValueError(f"its stage {state['stage']!r} is not one of 1 … {k}")
+
+
 def main(args: Args) -> dict:
     """Train; returns {"run_dir", "update", "skipped", "eval", "args", "spent", "weights"} (weights: this process's
     LoRA branches by parameter name; several processes hold the same ones)."""
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one progress bar to watch: the updates'
@@ -325,10 +358,26 @@ def main(args: Args) -> dict:
     args = dataclasses.replace(args, train_prompts=str(sd.find_file(args.train_prompts)),
                                eval_prompts=str(sd.find_file(args.eval_prompts)))
     run_dir = Path(args.out_dir) / args.name
-    if args.resume:  # before anything is built or written: something to resume, made with these settings
-        runio.check_resume(run_dir, args, RESUME_KEYS)
-    else:
-        runio.check_fresh(run_dir, "--name")
+
+    def checks():  # before anything is built or written, and again once the folder is locked
+        if args.resume:  # something to resume, made with these settings
+            runio.check_resume(run_dir, args, RESUME_KEYS)
+        elif not args.overwrite:  # a new run never mixes into, nor replaces by accident, another run's folder
+            runio.check_fresh(run_dir, "--name")
+            runio.check_not_finished(run_dir, ("lora",), args.overwrite)
+
+    sd.launched_processes()  # a launch that started one process where several were asked for: one line, now
+    # one writer per run folder (the main process holds the lock); the first SIGINT / SIGTERM stops after the update
+    with runio.run_lock(run_dir / ".lock", check=checks, enabled=os.environ.get("RANK", "0") == "0"), \
+            runio.graceful_stop():
+        return train(args, world, run_dir)
+
+
+def train(args: Args, world, run_dir: Path) -> dict:
+    """`main`'s training, once the arguments are checked and the run folder is locked."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
     accelerator = sd.make_accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum,
                                       log_with=args.log_with or None, project_dir=str(run_dir))
     device, main_proc = accelerator.device, accelerator.is_main_process
@@ -382,6 +431,9 @@ def main(args: Args) -> dict:
         vae.to(memory_format=torch.channels_last)
     layers = shortcut.lora_layers(net)
     forward_net = torch.compile(net) if args.compile else net
+    if args.compile and device.type == "cpu":
+        print(f"--compile: torch.compile compiles the {world.NETWORK} at the first call of each adapter combination; "
+              "on a CPU each compilation takes minutes", flush=True)
     try:
         reward = rewards.make_reward(args.reward, device=device, dtype=dtype,
                                      **({"clip_model": args.clip_model} if args.clip_model else {}),
@@ -392,10 +444,20 @@ def main(args: Args) -> dict:
     optimizer = accelerator.prepare(torch.optim.AdamW(lora_params, lr=args.lr, weight_decay=args.weight_decay))
     cache: dict[str, torch.Tensor] = {}
     uncond = world.encode(c, [""], cache)
+    side = sd.latent_side(vae, args.resolution)
+    probe = (train_prompts * args.batch_size)[: args.batch_size]  # fail fast, before anything is written
+    x_probe = torch.randn(len(probe), net.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    with accelerator.autocast():
+        chain_args.probe_chain(
+            shortft.make_chain(args.method, grid, random.Random(0), **chain_args.chain_switches(args, points, 1)),
+            x_probe.to(device), world.make_denoisers(forward_net, world.encode(c, probe, cache), uncond, args.guidance,
+                                                     points, aware, sc_guidance, layers),
+            schedule, lambda images: reward(images, probe).float(), lambda z: world.decode(vae, z, False))
 
     skipped, spent = 0, budget.Spent()  # spent: what the updates have used so far (--steps, --budget)
     if args.resume:  # the newest checkpoint that loads, with exactly this run's LoRA keys and shapes
-        _, weights, state = runio.resume_checkpoint(run_dir, optimizer.optimizer, expect=sd.lora_weights(net, names))
+        _, weights, state = runio.resume_checkpoint(run_dir, optimizer.optimizer, expect=sd.lora_weights(net, names),
+                                                    check_state=partial(check_state, k=k))
         named = dict(net.named_parameters())
         with torch.no_grad():
             for n, w in weights.items():
@@ -409,6 +471,8 @@ def main(args: Args) -> dict:
             runio.keep_jsonl_until(metrics_file, spent.updates)
         else:
             metrics_file.unlink(missing_ok=True)
+            for old in ("checkpoints", "lora"):  # --overwrite: nothing of the old run is left to mix with this one
+                shutil.rmtree(run_dir / old, ignore_errors=True)
         runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
         if args.log_with:
             accelerator.init_trackers(args.name, config={k: str(v) for k, v in dataclasses.asdict(args).items()})
@@ -416,7 +480,10 @@ def main(args: Args) -> dict:
     stages = range(1, k + 1)
     costs = {s: shortft.chain_cost(shortft.make_chain(args.method, grid, random.Random(0),
                                                       **chain_args.chain_switches(args, points, s))) for s in stages}
-    print(f"run {run_dir}  method {args.method}  reward {args.reward}  model {args.model} ({world.PIPELINE}"
+    if args.budget == 0 and (gaps := chain_args.stage_gaps(args, k, args.steps)) and main_proc:
+        print(gaps, file=sys.stderr)
+    print_main = print if main_proc else (lambda *a, **k: None)  # the header once, from the main process
+    print_main(f"run {run_dir}  method {args.method}  reward {args.reward}  model {args.model} ({world.PIPELINE}"
           f"{', T5 ' + ('on' if args.t5 else 'off') if world is sd3 else ''})\n"
           f"  grid {len(grid)} {type(schedule).__name__} steps ({grid[0]:g} … {grid[-1]:g}), CFG {args.guidance}, {args.resolution}px, "
           f"{args.mixed_precision} on {device} × {accelerator.num_processes}\n"
@@ -458,9 +525,8 @@ def main(args: Args) -> dict:
                               {f.name: f for f in tmp.iterdir()})
         shutil.rmtree(tmp)
 
-    side = sd.latent_side(vae, args.resolution)
     mine = sd.batch_share(accelerator, args.batch_size)
-    last_eval, stage, params = None, None, []
+    last_eval, stage, params, in_a_row = None, None, [], 0
     bar = tqdm(total=args.steps, initial=spent.updates, disable=not main_proc, desc=args.method)
     meter, watch, gflop = budget.FlopMeter(), budget.Stopwatch(), 0.0
     count_flops = args.budget_unit == "gflop" and args.budget > 0  # each new kind of update costs a dry run
@@ -470,7 +536,9 @@ def main(args: Args) -> dict:
 
     while progress() < 1:
         if chain_args.stage_of(args, progress(), k) != stage:  # progressive training: stage i trains LoRA_i … LoRA_k
-            stage = chain_args.stage_of(args, progress(), k)
+            stage, prev = chain_args.stage_of(args, progress(), k), stage
+            if args.budget and main_proc and (jump := chain_args.stage_jump(prev, stage, spent.updates)):
+                print(jump, file=sys.stderr)
             trained = sd.stage_adapters(stage, points, aware)
             params = sd.set_trainable(net, trained)
             switches = chain_args.chain_switches(args, points, stage)
@@ -503,6 +571,8 @@ def main(args: Args) -> dict:
                 continue
             applied, norm = sd.guarded_update(accelerator, optimizer, params, args.max_grad_norm)
         skipped += not applied
+        in_a_row = 0 if applied else in_a_row + 1
+        runio.check_skipped(in_a_row, args.max_skipped, spent.updates + 1)  # the same on every process
         wall = watch.add_to(spent, gflop, partial(sd.update_cost, accelerator))  # all micro-batches, all processes
         step = spent.updates
         loss, reward_train = sd.gather_mean(accelerator, loss), sd.gather_mean(accelerator, r)  # the whole batch's
@@ -524,8 +594,23 @@ def main(args: Args) -> dict:
                 last_eval = evaluate()
             if checkpoint:
                 save()
+        stop = runio.stop_requested() is not None  # SIGINT / SIGTERM during this update or its bookkeeping
+        if accelerator.num_processes > 1:  # every process stops after the same update
+            stop = accelerator.reduce(torch.tensor([float(stop)], device=device), "sum").item() > 0
+        if stop:  # this update checkpointed, one line, exit 130 / 143
+            if not checkpoint:
+                sd.check_processes_agree(accelerator, sd.lora_weights(net, names), step)
+                if main_proc:
+                    save()
+            accelerator.wait_for_everyone()  # the main process has written the checkpoint
+            bar.close()
+            raise runio.interrupted(f"update {step} (checkpoint {run_dir / 'checkpoints' / f'step_{step:07d}'})",
+                                    main_proc)
         watch, gflop = budget.Stopwatch(), 0.0
     bar.close()
+    if runio.stop_requested() is not None:  # signalled after the last update: its checkpoint is written
+        raise runio.interrupted(f"the last update ({spent.updates}; lora/ and the final evaluation not written)",
+                                main_proc)
     if main_proc:
         if last_eval is None or last_eval["update"] != spent.updates:
             last_eval = evaluate()

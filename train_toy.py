@@ -15,9 +15,11 @@ Run: python train_toy.py --method shortft --budget 10       (writes runs/toy-sho
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,8 @@ class Args(toy.WorldArgs, chain_args.ChainArgs):
     """Fine-tune the 2D toy diffusion with one reward-backpropagation method (ShortFT or a baseline)."""
 
     name: str = ""
-    """run folder: <out-dir>/<name>/ (args.json, metrics.jsonl, checkpoints/, lora.safetensors); empty: toy-<method>.
+    """run folder: <out-dir>/<name>/ (args.json, metrics.jsonl, checkpoints/, lora.safetensors, summary.json); empty:
+    toy-<method>.
     A new run refuses a folder that holds another run's checkpoints (--resume it, or choose another name)"""
     out_dir: str = "runs"
     """parent of run folders"""
@@ -72,6 +75,10 @@ class Args(toy.WorldArgs, chain_args.ChainArgs):
     settings of the model and the method (RESUME_KEYS) must be the saved run's"""
     threads: int = 1
     """torch CPU threads (one is as fast for this small MLP, and robust on a shared machine)"""
+    overwrite: bool = False
+    """a new run replaces the run the folder holds (a finished model, checkpoints); without it such a folder is refused"""
+    max_skipped: int = 20
+    """stop (one line, exit 2) after this many updates in a row skipped for NaN/inf gradients or weights (0: never)"""
 
 
 RESUME_KEYS = tuple(f.name for f in dataclasses.fields(chain_args.ChainArgs)) + \
@@ -104,6 +111,17 @@ def check_args(args: Args) -> None:
     runio.require_range("eval_batch", args.eval_batch, 2, toy.MAX_SIZE)
     runio.require_range("save_every", args.save_every, 0, what="0: only at the end")
     runio.require_range("threads", args.threads, 1, os.cpu_count() or 1, what="at most this machine's CPU cores")
+    runio.require_range("max_skipped", args.max_skipped, 0, what="0: never stop")
+
+
+def check_state(state: dict) -> None:
+    """What --resume reads from a checkpoint's state.json besides the RNG and optimizer (runio.check_checkpoint): the
+    loop's counters (runio.check_run_state), the evaluations done (a count) and the chain RNG (a Python random state).
+    ValueError or KeyError: the checkpoint is skipped for the previous one."""
+    runio.check_run_state(state, ("evals", "chain_rng"))
+    if not (isinstance(state["evals"], int) and not isinstance(state["evals"], bool) and state["evals"] >= 0):
+        raise ValueError(f"its evaluation count {state['evals']!r} is not a count")
+    runio.check_python_random_state(state["chain_rng"], "its chain RNG state")
 
 
 def set_trainable(world: toy.Toy, stage: int) -> tuple[int, ...]:
@@ -116,14 +134,24 @@ def set_trainable(world: toy.Toy, stage: int) -> tuple[int, ...]:
     return trainable
 
 
-def train(args: Args, log=print) -> dict:
+def train(args: Args, log=print, check=lambda: None) -> dict:
     """Fine-tune one method for `args.budget`; writes the run folder and returns its summary (final evaluation,
     updates, what they spent, the evaluation rows). A new run (not --resume) replaces whatever run the folder held,
-    checkpoints included; the command line (`run`) refuses such a folder instead."""
-    torch.set_num_threads(args.threads)
+    checkpoints included; the command line (`run`) refuses such a folder instead (`check`). The folder is locked for
+    the whole run (one writer); the first SIGINT / SIGTERM stops it after the update, with a checkpoint."""
     run_dir = run_folder(args)
-    if args.resume:  # before anything is built or written: something to resume, made with these settings
-        runio.check_resume(run_dir, args, RESUME_KEYS)
+
+    def checks():  # before anything is built or written, and again once the folder is locked
+        check()
+        if args.resume:  # something to resume, made with these settings
+            runio.check_resume(run_dir, args, RESUME_KEYS)
+
+    with runio.run_lock(run_dir / ".lock", check=checks), runio.graceful_stop():
+        return _train(args, log, run_dir)
+
+
+def _train(args: Args, log, run_dir: Path) -> dict:
+    torch.set_num_threads(args.threads)
     grid, schedule = shortft.ddim_timesteps(toy.NUM_STEPS), shortft.make_schedule()
     points, aware = chain_args.layout(args, grid, schedule)
     k = chain_args.num_stages(args, grid, schedule)
@@ -131,17 +159,22 @@ def train(args: Args, log=print) -> dict:
     names, params = world.names, world.tuned_params()
     reward_fn, quality = toy.make_reward(args.reward, args), toy.make_reward("quality", args)
     x_eval, c_eval = toy.eval_batch(args, args.eval_batch)
+    probe = x_eval[:8], c_eval[:8]  # fail fast: every denoiser, the chain and the reward finite, before anything is written
+    chain_args.probe_chain(shortft.make_chain(args.method, grid, random.Random(0),
+                                              **chain_args.chain_switches(args, points, 1)),
+                           probe[0], toy.make_denoisers(world, probe[1]), world.schedule,
+                           lambda x0: reward_fn(x0, probe[1]))
     opt = torch.optim.Adam(params, lr=args.lr)
     torch.manual_seed(args.seed)
     chain_rng = random.Random(args.seed)
     spent, state = budget.Spent(), {"skipped": 0, "evals": 0}
     if args.resume:  # weights, optimizer, torch/python/numpy RNGs, loop state, chain RNG
-        ckpt, weights, saved = runio.resume_checkpoint(run_dir, opt, expect=world.tuned_state())
+        ckpt, weights, saved = runio.resume_checkpoint(run_dir, opt, expect=world.tuned_state(),
+                                                       check_state=check_state)
         world.load_tuned_state(weights)
         state = {k_: saved[k_] for k_ in state}
         spent = budget.Spent(**saved["spent"])
-        version, internal, gauss = saved["chain_rng"]
-        chain_rng.setstate((version, tuple(internal), gauss))
+        chain_rng.setstate(runio.check_python_random_state(saved["chain_rng"], "its chain RNG state"))
         runio.keep_jsonl_until(run_dir / "metrics.jsonl", spent.updates)  # rows after the checkpoint come again
         log(f"resumed from {ckpt} at update {spent.updates}")
     else:
@@ -149,6 +182,7 @@ def train(args: Args, log=print) -> dict:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         for old in ("metrics.jsonl", "lora.safetensors"):
             (run_dir / old).unlink(missing_ok=True)
+    (run_dir / "summary.json").unlink(missing_ok=True)  # written again when this run finishes
     runio.write_json(dataclasses.asdict(args), run_dir / "args.json")
     base_reward = reward_fn(toy.sample(world, x_eval, c_eval, shortft.BASE), c_eval).mean().item()
     grad_evals = {s: shortft.chain_cost(shortft.make_chain(args.method, grid, random.Random(0),
@@ -157,7 +191,9 @@ def train(args: Args, log=print) -> dict:
     log(f"{args.method}: LoRA branches {names} ({sum(p.numel() for p in params)} params) at points {points or 'every step'}; "
         f"gradient evaluations per update by stage {grad_evals}; budget {args.budget:g} {args.budget_unit}; "
         f"base's held-out reward {base_reward:.3f}")
-    meter = budget.FlopMeter()
+    if args.budget_unit == "updates" and (gaps := chain_args.stage_gaps(args, k, math.ceil(args.budget))):
+        print(gaps, file=sys.stderr)
+    meter, in_a_row = budget.FlopMeter(), 0
 
     def progress() -> float:
         return min(spent.of(args.budget_unit) / args.budget, 1.0)
@@ -183,7 +219,9 @@ def train(args: Args, log=print) -> dict:
     if state["evals"] == 0:
         evaluate()
     while progress() < 1.0:
-        stage = chain_args.stage_of(args, progress(), k)
+        stage, prev = chain_args.stage_of(args, progress(), k), stage
+        if args.budget_unit != "updates" and (jump := chain_args.stage_jump(prev, stage, spent.updates)):
+            print(jump, file=sys.stderr)
         if trainable != shortft.trainable_loras(stage, points, aware):
             trainable = set_trainable(world, stage)
         watch = budget.Stopwatch()
@@ -204,6 +242,8 @@ def train(args: Args, log=print) -> dict:
         # --- update ---: one Adam step on the stage's branches; NaN/inf never reaches the weights
         applied, gnorm = shortft.guarded_step(opt, params, args.max_grad_norm)
         state["skipped"] += not applied
+        in_a_row = 0 if applied else in_a_row + 1
+        runio.check_skipped(in_a_row, args.max_skipped, spent.updates + 1)
         wall = watch.add_to(spent, gflop)
         runio.append_jsonl({"update": spent.updates, "stage": stage, "loss": loss.item(), "reward/train": r.mean().item(),
                             "grad/norm": gnorm, "update/skipped": state["skipped"], "time/update_s": wall,
@@ -212,16 +252,19 @@ def train(args: Args, log=print) -> dict:
                            run_dir / "metrics.jsonl")
         if progress() >= state["evals"] / args.evals:
             evaluate()
-        if args.save_every and spent.updates % args.save_every == 0:
-            save()
+        saved = save() if args.save_every and spent.updates % args.save_every == 0 else None
+        if runio.stop_requested():  # SIGINT / SIGTERM: this update is done; checkpoint it and stop
+            raise runio.interrupted(f"update {spent.updates} (checkpoint {saved or save()})")
     save()
     runio.save_tensors(world.tuned_state(), run_dir / "lora.safetensors",
                        {"points": str(list(points or [])), "timestep_aware": str(aware), "names": ",".join(names)})
     rows = [row for row in runio.read_jsonl(run_dir / "metrics.jsonl") if "eval/reward_mean" in row]
     n = max(spent.updates, 1)
-    return {"final": rows[-1], "updates": spent.updates, "spent": dataclasses.asdict(spent), "skipped": state["skipped"],
-            "per_update": {u: spent.of(u) / n for u in budget.UNITS if u != "updates"}, "evals": rows,
-            "run_dir": str(run_dir)}
+    summary = {"final": rows[-1], "updates": spent.updates, "spent": dataclasses.asdict(spent),
+               "skipped": state["skipped"], "per_update": {u: spent.of(u) / n for u in budget.UNITS if u != "updates"},
+               "evals": rows, "run_dir": str(run_dir)}
+    runio.write_json(summary, run_dir / "summary.json")  # last: its presence marks a finished run
+    return summary
 
 
 def run_folder(args: Args) -> Path:
@@ -232,9 +275,12 @@ def run_folder(args: Args) -> Path:
 def run(args: Args) -> dict:
     """The command line's run, with checked arguments: a new run refuses a folder that holds another run's checkpoints
     (pass --resume, or choose another --name); train, then print the summary line."""
-    if not args.resume:
-        runio.check_fresh(run_folder(args), "--name")
-    out = train(args)
+    def fresh():  # a new run never mixes into, nor replaces by accident, another run's folder
+        if not (args.resume or args.overwrite):
+            runio.check_fresh(run_folder(args), "--name")
+            runio.check_not_finished(run_folder(args), ("lora.safetensors",), args.overwrite)
+
+    out = train(args, check=fresh)
     f = out["final"]
     print(f"{args.method}: {out['updates']} updates, {out['spent']['gflop']:.1f} GFLOP, "
           f"{out['spent']['cpu_seconds']:.1f} CPU-s "

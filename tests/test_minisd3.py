@@ -161,6 +161,7 @@ def test_train_sd_shortft_lora_switches_branches_in_a_stock_sd3_pipeline(build, 
     ShortFT, 24 updates, lr 5e-2: −3.861 → −3.832 on 20 fixed seeds; 40 updates: −3.864; lr 0.1: −3.933)."""
     from diffusers import StableDiffusion3Pipeline
 
+    import rewards
     import sd3
     import train_sd
 

@@ -201,8 +201,8 @@ def test_only_the_main_process_writes(two):
     for what in ("args.json", "metrics.jsonl", "step_0000002", "step_0000004", "lora", "eval_000004.png", "tiny/sd"):
         assert what in written, what
     run = two["run"]
-    assert sorted(p.name for p in run.iterdir()) == ["args.json", "checkpoints", "eval_000004.png", "lora",
-                                                    "metrics.jsonl", "tiny"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "args.json", "checkpoints", "eval_000004.png", "lora",
+                                                    "metrics.jsonl", "tiny"]  # .lock: the main process's run lock
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     assert all(runio.folder_problem(p, "state.json") is None for p in (run / "checkpoints").iterdir())
     assert runio.folder_problem(run / "lora") is None
@@ -229,6 +229,36 @@ def test_sigkill_and_resume_under_two_processes_is_exact(two):
         assert all(torch.equal(after[k], before[k]) for k in after), name
     state = json.loads((step4 / "state.json").read_text())
     assert state["stage"] == 4 and state["spent"]["updates"] == 4
+
+
+def test_ctrl_c_under_two_processes_stops_both_after_one_update_and_resumes_exactly(two, tmp_path):
+    """Ctrl-C in the terminal: SIGINT to the launcher and both processes at once (their process group), which torchrun
+    then passes on to the processes once more. Both stop after the same update u, the main process writes checkpoint
+    u, one line names the --resume command (the other process prints nothing), no traceback through this repo's code; the same
+    command with --resume under 2 processes ends with the weights and AdamW state of the uninterrupted run."""
+    run = tmp_path / "runs" / "two"
+    args = ["--tiny", "--tiny-dir", str(two["tiny"]), "--out-dir", str(tmp_path / "runs"), "--name", "two",
+            *flags(**RUN)]
+    proc = subprocess.Popen(accelerate_launch(tmp_path, args), cwd=ROOT, env=launch_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while not any(row.get("update") == 1 for row in runio.read_jsonl(run / "metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    ours = [line for line in (out + err).splitlines() if line.startswith("train_sd.py:")]
+    assert len(ours) == 1 and ours[0].startswith("train_sd.py: interrupted by SIGINT: stopped after update "), ours
+    assert ours[0].endswith("--resume") and f'File "{ROOT}' not in err, err[-3000:]  # (torchrun's own traceback of
+    # the SignalException it raised to stop is the launcher's, not the processes')
+    u = int(ours[0].split("stopped after update ")[1].split()[0])
+    assert 1 <= u < 4 and runio.latest_checkpoint(run).name == f"step_{u:07d}"
+    r = launch(tmp_path, [*args, "--resume"], launch_env(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for n in ("weights", "optimizer"):
+        a = load_file(str(two["run"] / "checkpoints" / "step_0000004" / f"{n}.safetensors"))
+        b = load_file(str(run / "checkpoints" / "step_0000004" / f"{n}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), n
 
 
 def test_accelerate_cpu_launch_of_two_processes_is_refused_in_one_line(tmp_path):

@@ -358,16 +358,24 @@ def test_saved_lora_loads_in_stock_pipeline(tiny_dir, tmp_path):
     assert layout["timestep_aware"] and all(torch.equal(dict(unet.named_parameters())[k], w) for k, w in ckpt.items())
 
 
-def test_resume_is_exact_across_a_stage_boundary(tiny_dir, tmp_path):
-    """A run stopped after its checkpoint at update 2 (stages 1, 2) and resumed to update 4 (stages 3, 4) ends bit for
-    bit where an uninterrupted run does."""
+def test_resume_is_exact_across_a_stage_boundary(tiny_dir, tmp_path, capsys):
+    """A run resumed from its checkpoint at update 2 (stages 1, 2) to update 4 (stages 3, 4) ends bit for bit where an
+    uninterrupted run does. Its newest checkpoint (update 4) was damaged by hand — `update` edited in state.json — and
+    a line of metrics.jsonl is garbage: --resume falls back to update 2 with one line, and drops the line with one."""
     full = train_sd.main(quick(tiny_dir, tmp_path, name="full", lr=1e-2))
     part = quick(tiny_dir, tmp_path, name="part", lr=1e-2)
     run = train_sd.main(part)["run_dir"]
-    shutil.rmtree(run / "checkpoints" / "step_0000004")  # what a crash between updates 2 and 4 leaves behind
+    state = json.loads((run / "checkpoints" / "step_0000004" / "state.json").read_text())
+    state["spent"]["updates"] = 3
+    (run / "checkpoints" / "step_0000004" / "state.json").write_text(json.dumps(state))
     shutil.rmtree(run / "lora")
-    (run / "metrics.jsonl").write_text("".join((run / "metrics.jsonl").read_text().splitlines(True)[:2]))
+    lines = (run / "metrics.jsonl").read_text().splitlines(True)
+    (run / "metrics.jsonl").write_text("".join(lines[:1] + ['{"update": 1, "lo\n'] + lines[1:2]))
+    capsys.readouterr()
     resumed = train_sd.main(dataclasses.replace(part, resume=True))
+    err = capsys.readouterr().err.splitlines()
+    assert sum("skipping checkpoint:" in line and "state.json was changed" in line for line in err) == 1
+    assert sum("dropped 1 damaged line(s)" in line for line in err) == 1
     assert resumed["update"] == 4
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in rows if "stage" in r] == [1, 2, 3, 4]

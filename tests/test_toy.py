@@ -2,6 +2,7 @@
 denoiser against a hand sum of LoRA deltas, where each progressive stage's gradient reaches, the real entry points
 end to end, bit-exact resume across a stage boundary, one-line errors, NaN rewards skipped, the toy rewards."""
 
+import dataclasses
 import json
 import math
 import re
@@ -14,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench_progressive
 import bench_toy
 import rewards
 import runio
@@ -103,6 +105,24 @@ def test_denoisers_switch_adapters_without_freezing(cache):
     assert not any(p.requires_grad for n, p in world.model.named_parameters() if ".shortcut." in n or "lora_" not in n)
 
 
+def test_lower_quality_shortcuts_are_the_bases_own_ddim_step(cache):
+    """--shortcut base: a jump t → s is the base's one DDIM step with CFG; --shortcut zero: the same step without CFG
+    (the shortcut LoRA at B = 0); the distilled shortcut differs from both."""
+    x, c, t, s = torch.randn(6, 2), torch.tensor([0, 1, 2, 3, 0, 1]), 741, 501
+    jumps = {}
+    for kind in toy.SHORTCUTS:
+        world = toy.build_toy(dataclasses.replace(world_args(cache), shortcut=kind), P)
+        den = toy.make_denoisers(world, c)
+        with torch.no_grad():
+            jumps[kind] = shortft.apply_segment(x, shortft.Segment(shortft.SHORTCUT, t, s), den, world.schedule)
+            guided = shortft.apply_segment(x, shortft.Segment(shortft.BASE, t, s), den, world.schedule)
+            unguided = shortft.ddim_step(x, world.model(x, torch.full((6,), t), torch.full((6,), t), c), *(
+                world.schedule.alpha_bar(u) for u in (t, s)))
+    torch.testing.assert_close(jumps["base"], guided, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(jumps["zero"], unguided, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(jumps["distilled"], guided, atol=1e-4) and not torch.allclose(guided, unguided, atol=1e-4)
+
+
 @pytest.mark.parametrize("aware", [True, False])
 def test_each_stage_reaches_exactly_its_adapters(cache, aware):
     """With the loop's requires_grad switch, the stage-i chain's gradient reaches every parameter (A and B) of
@@ -190,8 +210,9 @@ def test_nan_reward_is_a_counted_skip(cache, tmp_path, monkeypatch):
     world = toy.build_toy(world_args(cache), P)
     before = world.tuned_state()
     make = toy.make_reward
-    monkeypatch.setattr(toy, "make_reward", lambda spec, w: (lambda x, c: x.sum(1) * float("nan")) if spec == "region"
-                        else make(spec, w))
+    nan_in_updates = lambda x, c: x.sum(1) * (math.nan if torch.is_grad_enabled() else 1.0)  # noqa: E731 (the
+    # probe and the evaluations run without gradient: a reward that is NaN from the start stops the run at the probe)
+    monkeypatch.setattr(toy, "make_reward", lambda spec, w: nan_in_updates if spec == "region" else make(spec, w))
     out = train_toy.train(train_toy.Args(**TINY, cache_dir=str(cache), out_dir=str(tmp_path), reward="region", budget=3,
                                          budget_unit="updates", evals=1, eval_batch=8, batch_size=8), log=lambda *a: None)
     assert out["skipped"] == 3 and out["updates"] == 3
@@ -222,6 +243,35 @@ def test_bench_toy_end_to_end(cache, tmp_path):
     for f in metrics["figures"]:
         assert (out / f).stat().st_size > 0
     assert (out / "shortft-s1" / "lora.safetensors").is_file()
+
+
+def test_bench_toy_reuses_finished_runs_and_times_to_target(cache, tmp_path):
+    kw = dict(TINY, cache_dir=cache, out_dir=tmp_path, seeds=[0], budget=2, budget_unit="updates", evals=2,
+              eval_batch=16, grad_samples=8, chain_lengths=[5], variants=["shortft", "refl"])
+    first = bench_toy.main(argv(kw))
+    (tmp_path / "toy" / "shortft-s0" / "metrics.jsonl").unlink()  # a reused run is not trained again
+    again = bench_toy.main(argv(kw))
+    assert again["summary"]["shortft"]["reward"] == first["summary"]["shortft"]["reward"]
+    assert not (tmp_path / "toy" / "shortft-s0" / "metrics.jsonl").exists()
+    assert bench_toy.first_reach([(0.0, -3.0), (2.0, -1.0), (4.0, 0.0)], -2.0) == pytest.approx(1.0)
+    assert bench_toy.first_reach([(0.0, -3.0), (2.0, -2.5)], -2.0) is None
+    summary = {"a": {"reward": (-1.0, 0.0), "base_reward": -3.0, "curves": [[(0.0, -3.0), (2.0, -1.0)]]},
+               "b": {"reward": (-2.0, 0.0), "base_reward": -3.0, "curves": [[(0.0, -3.0), (2.0, -2.0)]]}}
+    assert bench_toy.add_time_to_target(summary, 0.5) == -2.0
+    assert summary["a"]["to_target"]["gflop"] == (1.0, 0.0) and summary["b"]["to_target"]["reached"] == 1
+
+
+def test_bench_progressive_end_to_end(cache, tmp_path):
+    metrics = bench_progressive.main(argv(dict(TINY, cache_dir=cache, out_dir=tmp_path, seeds=[0],
+                                               conditions=["distilled", "zero", "seg1_4"], budget=0.05, evals=1,
+                                               eval_batch=16)))
+    conds = metrics["conditions"]
+    assert set(conds) == {"distilled", "zero", "seg1_4"}
+    assert conds["seg1_4"]["jump_error"] == conds["distilled"]["jump_error"]  # same shortcut, other chain
+    for c in conds.values():
+        assert c["prog"]["gap"]["stage 4"]["distance"] == (0.0, 0.0)  # the last stage's chain is the sampler
+        assert c["ordering"] in "<>≈" and c["prog"]["updates"][0] > 0
+    assert (tmp_path / "toy-progressive" / "tables.md").read_text().count("| distilled shortcut") == 2
 
 
 def test_bench_toy_bad_variant(capsys):
