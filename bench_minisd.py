@@ -36,7 +36,8 @@ plan, on 2 CPU cores shared with other jobs: ShortFT 1.3–2.1 CPU-s per update 
 100 updates per progressive stage, not the batch, sets the cost. Batch 2 meets the floor at a quarter of the GFLOP;
 two held-out evaluations per run (enough for a coarse "GFLOP to target") instead of four, and the base scored once
 instead of in each of the 15 runs, remove about 60 % of the evaluation passes. Even so, the plan puts the 15 runs at
-about 4 CPU-hours on this machine (`--plan-only` prints the estimate): the floor of 100 updates per stage, 3 seeds and
+about 4.4 CPU-hours on this machine (`--plan-only` prints the estimate; it counts DRTune at its plan's 15 CPU-s per
+update, both of whose updates were new kinds counted by a dry run, where about 2 is right, and so says 8): the floor of 100 updates per stage, 3 seeds and
 5 variants cannot all fit in less. The runs are ordered seed by seed (seed 0 of every variant first) and each one is
 reused once finished, so an interrupted bench resumes where it stopped.
 
@@ -68,7 +69,7 @@ and training reward vs GFLOP, mean ± std over seeds, ShortFT's stage changes ma
 row over each variant's tuned row, seed 0, the first 20 samples), grids/<variant>.png, runs/<variant>-s<seed>/
 (train_sd.py's run folders).
 
-Run: python bench_minisd.py     (after python minisd.py; the 15 runs take about 4 CPU-hours with --workers 1)
+Run: python bench_minisd.py     (after python minisd.py; the 15 runs take about 4.4 CPU-hours with --workers 1)
      python bench_minisd.py --plan-only     (the plan and the estimated CPU-hours, no training)
 """
 
