@@ -488,6 +488,16 @@ def main(args: Args) -> dict:
         return build(args)
 
 
+def forget_damaged_classifier(out: Path, report: dict) -> None:
+    """A classifier in `out` that `rewards.load_digit_classifier` refuses is trained again: its report entry goes."""
+    if (out / "classifier.safetensors").is_file() and (out / "classifier.json").is_file():
+        try:
+            rewards.load_digit_classifier(str(out / "classifier.safetensors"), str(out / "classifier.json"))
+        except ValueError as e:
+            print(f"{e}: training it again", file=sys.stderr)
+            report.pop("classifier", None)
+
+
 def build(args: Args) -> dict:
     """`main`'s work, in the locked folder args.out."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -524,12 +534,7 @@ def build(args: Args) -> dict:
 
     train, heldout = load_digits_split(args.seed)
     report["data"] = dict(train=len(train[1]), heldout=len(heldout[1]), image_size=32, latent_size=4)
-    if (out / "classifier.safetensors").is_file() and (out / "classifier.json").is_file():
-        try:  # a damaged classifier is trained again
-            rewards.load_digit_classifier(str(out / "classifier.safetensors"), str(out / "classifier.json"))
-        except ValueError as e:
-            print(f"{e}: training it again", file=sys.stderr)
-            report.pop("classifier", None)
+    forget_damaged_classifier(out, report)
     if todo("classifier", out / "classifier.safetensors", out / "classifier.json"):
         done("classifier", train_classifier(args, train, heldout, out))
     classifier = rewards.digit(digit_classifier=str(out / "classifier.safetensors")).models[0]

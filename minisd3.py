@@ -475,12 +475,7 @@ def main(args: Args) -> dict:
 
     train, heldout = minisd.load_digits_split(args.seed)
     report["data"] = dict(train=len(train[1]), heldout=len(heldout[1]), image_size=32, latent_size=4)
-    if (out / "classifier.safetensors").is_file() and (out / "classifier.json").is_file():
-        try:  # a damaged classifier is trained again
-            rewards.load_digit_classifier(str(out / "classifier.safetensors"), str(out / "classifier.json"))
-        except ValueError as e:
-            print(f"{e}: training it again", file=sys.stderr)
-            report.pop("classifier", None)
+    minisd.forget_damaged_classifier(out, report)
     if todo("classifier", out / "classifier.safetensors", out / "classifier.json"):
         done("classifier", minisd.train_classifier(args, train, heldout, out))
     classifier = rewards.digit(digit_classifier=str(out / "classifier.safetensors")).models[0]
