@@ -17,20 +17,21 @@ Notation (code -> paper): variant = a row of the tables; seed = fine-tuning seed
 mean ± std over seeds (sample std, n − 1).
 
 The long run, `python bench_toy.py --long` (LONG_FLAGS; runs/toy-long/), its settings fixed before any of its
-results were seen:
+results were seen. Its first version used the reward `region`, which every method saturated within 1/20 of the
+budget (docs/toy.md; `--long --reward region --name toy-long-region` repeats it). The reward was then replaced, before
+any run of the new one, by one chosen from its definition for the properties `region` lacked:
 
-    reward      `region` alone, r(x) = −max(‖x − (0, 2)‖ − 0.3, 0)²: smooth, no plateau short of its maximum 0 (every
-                point outside the disc has a gradient towards it), and that maximum needs every sample of every class
-                inside one disc of radius 0.3 at the top mode, while the base puts each class on its own two modes
-                around the ring, up to 4 away. So no method can saturate it by parking each class on a nearby mode,
-                which is what ends the default reward `region:1,quality:1` at its plateau (≈ −4.20). Ring quality is
-                reported beside it as the off-manifold check. `region:1,quality:1` at this budget is the same command
-                with --reward region:1,quality:1 --name toy-long-rq (not part of the fixed run: it does not fit the
-                ≈ 45 CPU-minutes the long run was given)
+    reward      `mode_shift`, r(x, c) = log Σ_{j ∈ sector(c + 2)} exp(−‖x − μ_j‖² / 2σ²): every class must leave its
+                own two modes for the two modes of the class across the ring (a change of composition, decided by
+                the early steps, where the paper says truncated chains lose their gradient), and land exactly on a
+                mode: there is no flat top (r < 0 everywhere but at the 8 mode centres, quadratic around them), so
+                a method cannot finish by parking samples anywhere inside a region. Off-ring samples lose reward,
+                so it carries its own off-manifold check; ring quality is reported beside it
     budget      324 GFLOP of updates per run. ShortFT's costliest stage (4: 49 no-grad evaluations and one with
                 gradient, batch 64) costs 0.2005 GFLOP per update, so each of its four stages (81 GFLOP) gets at
                 least 404 updates (stages 1–3: 0.1094, 0.1410, 0.1689 GFLOP per update, 740, 574, 479 updates;
-                2198 in all). Measured with 16-update runs, no reward read
+                2198 in all). Measured with 16-update runs, no reward read; the reward's element-wise work is not
+                counted (budget.py), so the counts are the same for every toy reward
     seeds       0, 1, 2, 3, 4
     variants    the 7 methods of Table 1 and both ablations of Table 3
     evals       20 held-out evaluations per run (plus one before training), 512 fixed (x_T, class) pairs
@@ -41,8 +42,8 @@ A finished run folder of the same arguments is reused (train_toy.py writes summa
 bench continues where it stopped.
 
 Run: python bench_toy.py            (≈ 3–4 min on 2 CPU cores from an empty cache)
-     python bench_toy.py --long     (the long run: 45 runs, ≈ 50–85 CPU-minutes, one thread: 0.03–0.3 CPU-s per update
-                                    on a 2-core machine shared with other jobs)
+     python bench_toy.py --long     (the long run: 45 runs, ≈ 80–110 CPU-minutes, one thread: 0.03–0.3 CPU-s per
+                                    update on a 2-core machine shared with other jobs)
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ TABLE1 = ("shortft", "draft_lv", "drtune", "full", "draft_k", "alignprop", "refl
 TABLE3 = ("shortft", "no_timestep_aware", "no_progressive", "shortft_stage1_long")
 LONG_VARIANTS = TABLE1 + ("no_timestep_aware", "no_progressive")
 LONG_FLAGS = ["--name", "toy-long", "--seeds", "0", "1", "2", "3", "4", "--variants", *LONG_VARIANTS,
-              "--reward", "region", "--budget", "324", "--evals", "20"]
+              "--reward", "mode_shift", "--budget", "324", "--evals", "20"]
 """The long run, fixed before any of its results were seen (module docstring): `python bench_toy.py --long`."""
 PAPER_ORDERINGS = (("shortft", "draft_lv"), ("shortft", "drtune"), ("shortft", "no_timestep_aware"),
                    ("shortft", "no_progressive"))
