@@ -204,17 +204,26 @@ def test_bad_preset_exits_with_one_line():
     assert r.stderr.strip().splitlines()[-1].startswith("minisd.py: error: unknown preset 'huge'")
 
 
-@pytest.mark.parametrize("unit, amount", [("cpu_seconds", 2.0), ("gflop", 2.0)])
-def test_budget_stops_at_the_budget_and_walks_the_stages(tmp_path, unit, amount):
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """Where `train_sd.py --tiny` builds its tiny SD, CLIP and shortcut files: built by the first run, reused after."""
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.mark.parametrize("unit, amount", [("cpu_seconds", 2.0), ("gflop", 1.2)])
+def test_budget_stops_at_the_budget_and_walks_the_stages(tiny_dir, tmp_path, unit, amount):
     """train_sd.py --budget: the run stops at the first update whose cumulative spending (CPU-seconds, or GFLOP
     counted by budget.py) reaches the budget (long before --steps), and ShortFT's progressive stages follow the spent
     share of it (how many stages a 2 s budget reaches depends on the machine's speed, so the test checks the rule).
-    In GFLOP the run is the same on every machine: the number of updates is fixed by the chains alone."""
+    In GFLOP the run is the same on every machine: the number of updates is fixed by the chains alone (on the 10-step
+    grid, 1.2 GFLOP buys two updates in each of the four stages). The 10-step grid and its LoRA points: each new kind
+    of update counts its FLOPs by a dry run, which costs a fifth of the 50-step grid's."""
     import chain_args
     import train_sd
 
-    run = train_sd.main(train_sd.Args(tiny=True, tiny_dir=str(tmp_path / "tiny"), out_dir=str(tmp_path),
-                                      name="budget", steps=100000, budget=amount, budget_unit=unit, save_every=0))
+    run = train_sd.main(train_sd.Args(tiny=True, tiny_dir=str(tiny_dir), out_dir=str(tmp_path), name="budget",
+                                      steps=100000, budget=amount, budget_unit=unit, save_every=0, num_steps=10,
+                                      lora_points=[701, 401, 201, 1]))
     rows = [json.loads(line) for line in (run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
     spent = [r["budget/spent"] for r in rows if "loss" in r]
     assert run["update"] == len(spent) < 100000
