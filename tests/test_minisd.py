@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -240,8 +241,39 @@ def test_budget_stops_at_the_budget_and_walks_the_stages(tiny_dir, tmp_path, uni
         assert all(len(v) == 1 for v in per.values()) and len(per) == len(set(stages))
 
 
+class ForkedTrainSd:
+    """Stands in for bench_minisd.train's `subprocess.Popen(["python", "train_sd.py", …])`: the same argv, through what
+    train_sd.py's __main__ runs (runio.cli), in a forked copy of this process, its output into the run's log, so that
+    bench_minisd's os.wait4 reads the exit status and the CPU-seconds of a real child process. What is saved is
+    starting Python and importing torch and diffusers four times; the bench's logic is unchanged."""
+
+    def __init__(self, cmd, env, stdout, stderr, text):
+        import runio
+        import train_sd
+
+        assert Path(cmd[1]).name == "train_sd.py" and stderr is subprocess.STDOUT, cmd
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                os.environ.clear()
+                os.environ.update(env)
+                sys.stdout = sys.stderr = stdout
+                runio.cli(train_sd.main, train_sd.Args, train_sd.check_args, cmd[2:])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                stdout.flush()
+                os._exit(code)
+
+
 @pytest.mark.slow
-def test_bench_minisd_spends_equal_gflop_and_reuses_finished_runs(build, tmp_path):
+def test_bench_minisd_spends_equal_gflop_and_reuses_finished_runs(build, tmp_path, monkeypatch):
     """bench_minisd.py on the reduced build at a small GFLOP budget (ShortFT, four times its costliest update): the
     plan's per-stage costs (its run has seed 0) are exactly what the bench's run (seed 1) spends per update, since
     FLOPs depend on the chain alone; the run stops at the first update that reaches the budget, after all four
@@ -249,6 +281,7 @@ def test_bench_minisd_spends_equal_gflop_and_reuses_finished_runs(build, tmp_pat
     second call reuses the plan and the finished run and gives the same summary."""
     import bench_minisd
 
+    monkeypatch.setattr(bench_minisd, "subprocess", SimpleNamespace(Popen=ForkedTrainSd, STDOUT=subprocess.STDOUT))
     args, _ = build
     bench = bench_minisd.Args(minisd=args.out, out=str(tmp_path / "bench"), variants=["shortft"], seeds=[1],
                               eval_samples=3, evals=2)
