@@ -48,9 +48,12 @@ Run: python bench_toy.py            (≈ 3–4 min on 2 CPU cores from an empty 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -121,7 +124,10 @@ class BenchArgs(toy.WorldArgs):
     chain_lengths: list[int] = field(default_factory=lambda: [10, 20, 50, 100, 200])
     """grids of the gradient-norm measurement (N steps; the paper's LoRA points are snapped to each, so N ≥ 4)"""
     threads: int = 1
-    """torch CPU threads"""
+    """torch CPU threads of each process"""
+    workers: int = 0
+    """runs trained at once, one process each (0: one per CPU core, at most the runs left). Each run is the same
+    single-process computation whatever the number, so the tables are bit-identical for any --workers"""
     target_fraction: float = 0.9
     """"GFLOP to target": where a seed's held-out curve first reaches base + this × (best final − base), the best
     final mean over the bench's variants (linear between evaluations)"""
@@ -135,6 +141,11 @@ def run_args(args: BenchArgs, variant: str, seed: int) -> train_toy.Args:
                           out_dir=str(Path(args.out_dir) / args.name), seed=seed, reward=args.reward,
                           budget=args.budget, budget_unit=args.budget_unit, evals=args.evals,
                           eval_batch=args.eval_batch, threads=args.threads, **VARIANTS[variant][1])
+
+
+def train_run(run: train_toy.Args) -> dict:
+    """One run, in a worker process of its own (`bench` trains --workers of them at once)."""
+    return train_toy.train(run, log=lambda *a: None)
 
 
 def finished_run(run: train_toy.Args) -> dict | None:
@@ -175,6 +186,7 @@ def check_args(args: BenchArgs) -> None:
         runio.require_range("chain_lengths", n, 4, 1000, what="the paper's 4 LoRA points need 4 distinct steps")
         runio.check_arg("chain_lengths", n, measure_toy.snap_points, shortft.ddim_timesteps(n))
     runio.require_range("threads", args.threads, 1, os.cpu_count() or 1, what="at most this machine's CPU cores")
+    runio.require_range("workers", args.workers, 0, 64, what="processes at once (0: one per CPU core)")
     runio.require_range("target_fraction", args.target_fraction, 0, 1, low_open=True,
                         what="a share of the best improvement over the base")
     for v in args.variants:  # what each run will be given
@@ -365,10 +377,14 @@ def run_bench(args: BenchArgs) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     parts, load = {}, {"start": os.getloadavg()}
 
+    def cpu() -> float:  # this process and its finished workers
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + children.ru_utime + children.ru_stime
+
     def timed(part, fn, *a, **kw):
-        w0, c0 = time.perf_counter(), time.process_time()
+        w0, c0 = time.perf_counter(), cpu()
         result = fn(*a, **kw)
-        parts[part] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
+        parts[part] = {"wall_s": time.perf_counter() - w0, "cpu_s": cpu() - c0}
         print(f"[{part}] {parts[part]['wall_s']:.1f} s wall, {parts[part]['cpu_s']:.1f} s CPU", flush=True)
         return result
 
@@ -379,13 +395,20 @@ def run_bench(args: BenchArgs) -> dict:
     metrics["chain_jump_error"] = measure_toy.chain_jump_errors(world, x_eval, c_eval, args.radius)
 
     def train_all() -> dict:
+        todo = {(v, seed): run_args(args, v, seed) for v in args.variants for seed in args.seeds}
+        done = {key: finished_run(run) for key, run in todo.items()}
+        left = [key for key, summary in done.items() if summary is None]
+        workers = min(args.workers or os.cpu_count() or 1, len(left)) or 1
+        print(f"  {len(todo) - len(left)} finished runs reused, {len(left)} to train, {workers} at a time", flush=True)
+        with concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_run, todo[key]): key for key in left}
+            for future in concurrent.futures.as_completed(futures):
+                (v, seed), done[futures[future]] = futures[future], future.result()
+                print(f"  {v:>18} seed {seed}: reward {done[v, seed]['final']['eval/reward_mean']:.3f}, "
+                      f"{done[v, seed]['updates']} updates", flush=True)
         runs = {}
-        for v in args.variants:
-            for seed in args.seeds:
-                run = run_args(args, v, seed)
-                runs.setdefault(v, []).append(finished_run(run) or train_toy.train(run, log=lambda *a: None))
-                f = runs[v][-1]["final"]
-                print(f"  {v:>18} seed {seed}: reward {f['eval/reward_mean']:.3f}, {runs[v][-1]['updates']} updates", flush=True)
+        for (v, _), summary in done.items():  # in the order of --variants and --seeds, however the runs finished
+            runs.setdefault(v, []).append(summary)
         return runs
 
     runs = timed("tables", train_all)

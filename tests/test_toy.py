@@ -250,9 +250,14 @@ def test_bench_toy_reuses_finished_runs_and_times_to_target(cache, tmp_path):
               eval_batch=16, grad_samples=8, chain_lengths=[5], variants=["shortft", "refl"])
     first = bench_toy.main(argv(kw))
     (tmp_path / "toy" / "shortft-s0" / "metrics.jsonl").unlink()  # a reused run is not trained again
-    again = bench_toy.main(argv(kw))
-    assert again["summary"]["shortft"]["reward"] == first["summary"]["shortft"]["reward"]
+    lora = runio.load_tensors(tmp_path / "toy" / "refl-s0" / "lora.safetensors")
+    shutil.rmtree(tmp_path / "toy" / "refl-s0")  # trained again, now in a worker process of its own
+    again = bench_toy.main(argv(dict(kw, workers=2)))
+    for key in ("reward", "quality", "updates", "gflop", "curves", "seeds"):  # bit-identical for any --workers
+        assert [again["summary"][v][key] for v in kw["variants"]] == [first["summary"][v][key] for v in kw["variants"]]
     assert not (tmp_path / "toy" / "shortft-s0" / "metrics.jsonl").exists()
+    retrained = runio.load_tensors(tmp_path / "toy" / "refl-s0" / "lora.safetensors")
+    assert lora.keys() == retrained.keys() and all(torch.equal(lora[k], retrained[k]) for k in lora)
     assert bench_toy.first_reach([(0.0, -3.0), (2.0, -1.0), (4.0, 0.0)], -2.0) == pytest.approx(1.0)
     assert bench_toy.first_reach([(0.0, -3.0), (2.0, -2.5)], -2.0) is None
     summary = {"a": {"reward": (-1.0, 0.0), "base_reward": -3.0, "curves": [[(0.0, -3.0), (2.0, -1.0)]]},
