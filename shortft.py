@@ -626,23 +626,6 @@ def trainable_loras(stage: int, points: Sequence[float] | None = None, timestep_
     return tuple(range(stage - 1, n))
 
 
-def stage_at(progress: float, k: int, fractions: Sequence[float] = ()) -> int:
-    """The progressive-training stage (1 … k) at `progress` ∈ [0, 1] of the training budget. Stage i lasts
-    fractions[i−1] of the budget (empty: k equal parts; the paper does not say how long each stage lasts)."""
-    k = _count("the number of stages", k, 1, 1 << 20)
-    if isinstance(progress, bool) or not isinstance(progress, numbers.Real) or math.isnan(progress):
-        raise TypeError(f"progress must be a number in [0, 1], got {progress!r}")
-    fractions = list(fractions) or [1.0 / k] * k
-    if len(fractions) != k or any(not (isinstance(f, numbers.Real) and math.isfinite(f) and f > 0) for f in fractions):
-        raise ValueError(f"stage fractions {fractions} must be {k} positive numbers (one per stage)")
-    edge, total = 0.0, sum(fractions)
-    for i, f in enumerate(fractions, start=1):
-        edge += f / total
-        if progress < edge:
-            return i
-    return k
-
-
 def _next_point(grid: Sequence[float], t) -> int | float:
     """The grid point after t (CLEAN after the last)."""
     return [*grid, CLEAN][list(grid).index(t) + 1]
