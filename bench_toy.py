@@ -21,8 +21,8 @@ results were seen. Its first version used the reward `region`, which every metho
 budget (docs/toy.md; `--long --reward region --name toy-long-region` repeats it). The reward was then replaced, before
 any run of the new one, by one chosen from its definition for the properties `region` lacked:
 
-    reward      `mode_shift`, r(x, c) = log Σ_{j ∈ sector(c + 2)} exp(−‖x − μ_j‖² / 2σ²): every class must leave its
-                own two modes for the two modes of the class across the ring (a change of composition, decided by
+    reward      `mode_shift`, r(x, c) = log Σ_{j ∈ sector(c + 2)} exp(−‖x − μ_j‖² / 2σ²): every class must leave
+                its own two modes for the two modes of the class across the ring (a change of composition, decided by
                 the early steps, where the paper says truncated chains lose their gradient), and land exactly on a
                 mode: there is no flat top (r < 0 everywhere but at the 8 mode centres, quadratic around them), so
                 a method cannot finish by parking samples anywhere inside a region. Off-ring samples lose reward,
@@ -136,11 +136,13 @@ class BenchArgs(toy.WorldArgs):
 
 
 def run_args(args: BenchArgs, variant: str, seed: int) -> train_toy.Args:
-    """The train_toy.py arguments of one variant and seed."""
+    """The train_toy.py arguments of one variant and seed. A run whose updates turn non-finite is not stopped
+    (max_skipped 0): its skipped updates spend their budget and it ends with its last finite weights, so a method
+    that diverges is a row of the table (its "skipped" count says so), not the end of the benchmark."""
     return train_toy.Args(**dataclasses.asdict(toy.world_args(args)), name=f"{variant}-s{seed}",
                           out_dir=str(Path(args.out_dir) / args.name), seed=seed, reward=args.reward,
                           budget=args.budget, budget_unit=args.budget_unit, evals=args.evals,
-                          eval_batch=args.eval_batch, threads=args.threads, **VARIANTS[variant][1])
+                          eval_batch=args.eval_batch, threads=args.threads, max_skipped=0, **VARIANTS[variant][1])
 
 
 def train_run(run: train_toy.Args) -> dict:
@@ -152,8 +154,10 @@ def finished_run(run: train_toy.Args) -> dict | None:
     """The summary of a run folder that holds a finished run of exactly these arguments (train_toy.py writes
     summary.json last), else None: an interrupted bench continues where it stopped."""
     folder = train_toy.run_folder(run)
+    stop_rule = {"max_skipped": None}  # a finished run never reached it, so it is the same run under any value
     try:
-        same = json.loads((folder / "args.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(run)))
+        same = (json.loads((folder / "args.json").read_text()) | stop_rule
+                == json.loads(json.dumps(dataclasses.asdict(run))) | stop_rule)
         return json.loads((folder / "summary.json").read_text()) if same and (folder / "lora.safetensors").is_file() else None
     except (OSError, ValueError):
         return None
@@ -212,7 +216,8 @@ def summarise(runs: list[dict]) -> dict:
     return {"reward": spread([f["eval/reward_mean"] for f in finals]), "quality": spread([f["eval/quality_mean"] for f in finals]),
             "updates": spread([r["updates"] for r in runs]), "spent_per_update": spread([r["per_update"]["cpu_seconds"] for r in runs]),
             "gflop_per_update": spread([r["per_update"]["gflop"] for r in runs]),
-            "gflop": spread([r["spent"]["gflop"] for r in runs]), "cpu_s": spread([r["spent"]["cpu_seconds"] for r in runs]),
+            "gflop": spread([r["spent"]["gflop"] for r in runs]), "skipped": [r["skipped"] for r in runs],
+            "cpu_s": spread([r["spent"]["cpu_seconds"] for r in runs]),
             "wall_s": spread([r["spent"]["seconds"] for r in runs]),
             "curves": [[(e["compute/gflop"], e["eval/reward_mean"]) for e in r["evals"]] for r in runs],
             "base_reward": finals[0]["eval/base_reward_mean"], "curve_mean": [m for m, _ in curve], "curve_std": [s for _, s in curve],
@@ -267,6 +272,10 @@ def tables_markdown(summary: dict, args: BenchArgs) -> str:
             lines.append(f"| {VARIANTS[v][0]} | {pm(s['reward'])} | {pm(s['quality'], 2)} | {pm(s['updates'], 0)} | "
                          f"{pm(s['gflop_per_update'], 4)} | {reach} | {pm(s['spent_per_update'], 4)} | "
                          f"{pm(s['cpu_s'], 1)} | {pm(s['wall_s'], 1)} |")
+        diverged = [f"{VARIANTS[v][0]}: " + ", ".join(f"seed {seed} {n}" for seed, n in zip(args.seeds, summary[v]["skipped"]) if n)
+                    for v in rows if any(summary[v].get("skipped", ()))]
+        if diverged:  # updates whose gradient or weights were non-finite: not applied, their budget spent
+            lines += ["", "Skipped updates (non-finite; the weights kept, the budget spent): " + "; ".join(diverged) + "."]
         lines.append("")
     lines += ["**The paper's orderings** (held-out reward; '>' only where |Δmean| > std_a + std_b):", ""]
     for a, b in PAPER_ORDERINGS:
@@ -400,14 +409,26 @@ def run_bench(args: BenchArgs) -> dict:
         left = [key for key, summary in done.items() if summary is None]
         workers = min(args.workers or os.cpu_count() or 1, len(left)) or 1
         print(f"  {len(todo) - len(left)} finished runs reused, {len(left)} to train, {workers} at a time", flush=True)
+        if workers == 1:  # in this process, in order
+            for key in left:
+                done[key] = train_run(todo[key])
+                report(key, done[key])
+            return ordered(done)
         with concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(train_run, todo[key]): key for key in left}
             for future in concurrent.futures.as_completed(futures):
-                (v, seed), done[futures[future]] = futures[future], future.result()
-                print(f"  {v:>18} seed {seed}: reward {done[v, seed]['final']['eval/reward_mean']:.3f}, "
-                      f"{done[v, seed]['updates']} updates", flush=True)
+                done[futures[future]] = future.result()
+                report(futures[future], done[futures[future]])
+        return ordered(done)
+
+    def report(key, run):
+        v, seed = key
+        print(f"  {v:>18} seed {seed}: reward {run['final']['eval/reward_mean']:.3f}, {run['updates']} updates"
+              + (f" ({run['skipped']} skipped)" if run["skipped"] else ""), flush=True)
+
+    def ordered(done: dict) -> dict:  # {variant: [summary per seed]} in the order of --variants and --seeds
         runs = {}
-        for (v, _), summary in done.items():  # in the order of --variants and --seeds, however the runs finished
+        for (v, _), summary in done.items():
             runs.setdefault(v, []).append(summary)
         return runs
 
