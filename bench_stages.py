@@ -19,6 +19,9 @@ train with a gradient that points away from the one it stands for; this script t
                  timestep-aware LoRA) and for DRaFT-1 (one gradient step at the end) as a truncated reference
     ‖g*_i‖       how strongly branch i can move the reward at all: LoRA_1 acts on every step down to p_1, LoRA_i (i ≥ 2)
                  on the one step at p_i and later points
+    branches     a hook on the denoising network records the adapters active in each call of every stage's training
+                 chain and of the evaluation sampler; each must be what `shortft.active_loras` picks (the shortcut
+                 alone in the jumps)
 
 The run must have been trained with --save-every 1 (a checkpoint per update). Writes <run>/stages.json.
 
@@ -178,6 +181,40 @@ def main(args: Args) -> dict:
         for k, v in row["stages"].items():
             print(f"    stage {k}: cos {v['cos']:.3f}, ‖g‖/‖g*‖ {v['rel_norm']:.3f}; "
                   + ", ".join(f"{a} {x:.3f}" for a, x in v.items() if a.startswith("cos ")), flush=True)
+
+    # --- which branches act in each transformer / UNet call: training chains and the evaluation sampler ---
+    seen: list[tuple[float, tuple[str, ...]]] = []
+    tuned_layers = [layer for layer in layers if names[0] in layer.lora_A]
+
+    def record(module, args_, kwargs):
+        t = kwargs.get("timestep", args_[1] if len(args_) > 1 else None)
+        active = {tuple(a for a in layer.active_adapters if a in layer.lora_A) for layer in tuned_layers}
+        seen.append((float(torch.as_tensor(t).flatten()[0]), active.pop() if len(active) == 1 else ("inconsistent",)))
+
+    def expected(model: str, t) -> tuple[str, ...]:
+        if model == shortft.SHORTCUT:
+            return (sd.SHORTCUT_ADAPTER,)
+        return tuple(names[i] for i in shortft.active_loras(t, points, aware)) if model == shortft.TUNED else ()
+
+    hook = net.register_forward_pre_hook(record, with_kwargs=True)
+    den = world.make_denoisers(net, world.encode(c, prompts[:1], cache), uncond, targs.guidance, points, aware,
+                               sc_guidance, layers)
+    wrong = []
+    for stage in range(1, len(points) + 1):
+        chain = shortft.shortft(grid, points, stage=stage).trunk
+        seen.clear()
+        with torch.no_grad():
+            shortft.run_chain(x_T[:1], chain, den, schedule)
+        wrong += [(f"stage {stage}", seg.t, got) for seg, (_, got) in zip(chain, seen) if got != expected(seg.model, seg.t)]
+    seen.clear()
+    world.sample(c, prompts[:1], [0], grid, guidance=targs.guidance, points=points, timestep_aware=aware,
+                 resolution=targs.resolution, batch=1, cache=cache)
+    wrong += [("sampler", t, got) for (_, got), t in zip(seen, grid) if got != expected(shortft.TUNED, t)]
+    hook.remove()
+    out["branches"] = {"mismatches": [list(map(str, w)) for w in wrong], "sampler_calls": len(seen)}
+    print(f"  branches: every training stage's chain and the sampler ({len(seen)} calls) "
+          + ("use the branches shortft.active_loras picks, the shortcut alone in the jumps" if not wrong
+             else f"MISMATCH at {wrong}"), flush=True)
     runio.write_json(out, run / "stages.json")
     return out
 
