@@ -8,7 +8,8 @@ train with a gradient that points away from the one it stands for; this script t
 
     held-out     the run's held-out reward (its own evaluation: the N-step sampler with the branches
                  `shortft.active_loras` picks, the first --eval-samples prompts, seeds 0, 1, …) at update 0 (every B = 0:
-                 the base) and at the last update of each stage, read from the run's per-update checkpoints
+                 the base), at the last update of each stage and at --updates, read from the run's per-update
+                 checkpoints
     g*           ∇ of L = −mean r(x_0) through the complete sampler with every step carrying gradient (the exact
                  gradient of ShortFT's parametrisation: LoRA_1 on every step down to p_1, the stack Σ_i at p_i, the
                  base between), per branch LoRA_i
@@ -61,8 +62,10 @@ class Args:
     """(x_T, prompt) pairs of the fixed gradient batch (prompts: the digits in turn; x_T from seed 12345)"""
     micro_batch: int = 10
     """pairs per backward pass"""
+    updates: list[int] = field(default_factory=list)
+    """also score these updates (e.g. a run without progressive training, one stage long, at ShortFT's stage ends)"""
     skip_eval: bool = False
-    """only the gradients"""
+    """no held-out scores"""
 
 
 def check_args(args: Args) -> None:
@@ -75,6 +78,9 @@ def check_args(args: Args) -> None:
     runio.require_range("eval_samples", args.eval_samples, 0)
     runio.require_range("grad_samples", args.grad_samples, 1)
     runio.require_range("micro_batch", args.micro_batch, 1)
+    for u in args.updates:
+        runio.require((run / "checkpoints" / f"step_{u:07d}").is_dir(), "updates", args.updates,
+                      f"the run has no checkpoint of update {u}")
 
 
 def main(args: Args) -> dict:
@@ -117,7 +123,9 @@ def main(args: Args) -> dict:
     if not args.skip_eval:
         n = args.eval_samples or targs.eval_samples
         prompts = sd.load_prompts(sd.find_file(targs.eval_prompts))[:n]
-        for stage, update in [(0, 0), *ends.items()]:
+        stage_of = {r["update"]: r["stage"] for r in rows}
+        scored = sorted({0, *ends.values(), *args.updates})
+        for stage, update in [(stage_of.get(u, 0), u) for u in scored]:
             t0 = time.time()
             load(update)
             images = world.sample(c, prompts, list(range(n)), grid, guidance=targs.guidance, points=points,
@@ -126,7 +134,7 @@ def main(args: Args) -> dict:
                 r = reward(images, prompts).float()
             row = {"stage": stage, "update": update, "reward": r.mean().item(), "se": (r.std() / n**0.5).item()}
             out["held_out"].append(row)
-            print(f"  held-out after stage {stage} (update {update}): {row['reward']:.4f} ± {row['se']:.4f} SE "
+            print(f"  held-out at update {update} (stage {stage}): {row['reward']:.4f} ± {row['se']:.4f} SE "
                   f"({time.time() - t0:.0f} s)", flush=True)
 
     # --- gradients: each stage's chain against the complete sampler ---
