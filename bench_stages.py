@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+import chain_args
 import rewards
 import runio
 import sd
@@ -73,6 +74,8 @@ def check_args(args: Args) -> None:
     run = Path(args.run)
     runio.require((run / "args.json").is_file() and (run / "metrics.jsonl").is_file(), "run", args.run,
                   "not a train_sd.py run folder (args.json, metrics.jsonl): train one with --save-every 1")
+    runio.require(json.loads((run / "args.json").read_text()).get("method") == "shortft", "run", args.run,
+                  "is not a ShortFT run (--method shortft): only ShortFT has stages and stacked branches")
     runio.require((run / "checkpoints" / "step_0000001").is_dir(), "run", args.run,
                   "has no checkpoint of update 1: train it with --save-every 1")
     runio.require_range("eval_samples", args.eval_samples, 0)
@@ -93,17 +96,16 @@ def main(args: Args) -> dict:
     net, vae = c[world.NETWORK], c["vae"]
     grid, schedule = sd.grid_from_diffusers(c["scheduler"].config, targs.num_steps), \
         sd.schedule_from_diffusers(c["scheduler"].config)
-    points = shortft.paper_points(grid, schedule) if not targs.lora_points else tuple(targs.lora_points)
+    points, aware = chain_args.layout(targs, grid, schedule)  # as train_sd.py: --lora-points snapped to the grid
     file, spec = shortcut.resolve_shortcut(targs.shortcut)
     shortcut.load_shortcut_lora(net, file, sd.SHORTCUT_ADAPTER,
                                 spec.lora_scale if targs.shortcut_scale is None else targs.shortcut_scale)
     sc_guidance = spec.guidance if targs.shortcut_guidance is None else targs.shortcut_guidance
-    aware = targs.timestep_aware
     names = world.add_tuned_loras(net, shortft.num_loras(points, aware), targs.lora_rank, targs.lora_alpha,
                                   targs.lora_targets)
     layers = shortcut.lora_layers(net)
-    reward = rewards.make_reward(targs.reward, **({"digit_classifier": targs.digit_classifier}
-                                                  if targs.digit_classifier else {}))
+    reward = rewards.make_reward(targs.reward, **{k: getattr(targs, k) for k in ("clip_model", "digit_classifier")
+                                                  if getattr(targs, k)})
     rows = [r for r in runio.read_jsonl(run / "metrics.jsonl") if "stage" in r]
     ends = {s: max(r["update"] for r in rows if r["stage"] == s) for s in sorted({r["stage"] for r in rows})}
     print(f"run {run}: {len(rows)} updates, stage ends {ends}; LoRA points {[round(p, 1) for p in points]}", flush=True)
@@ -194,15 +196,18 @@ def main(args: Args) -> dict:
     seen: list[tuple[float, tuple[str, ...]]] = []
     tuned_layers = [layer for layer in layers if names[0] in layer.lora_A]
 
-    def record(module, args_, kwargs):
-        t = kwargs.get("timestep", args_[1] if len(args_) > 1 else None)
-        active = {tuple(a for a in layer.active_adapters if a in layer.lora_A) for layer in tuned_layers}
-        seen.append((float(torch.as_tensor(t).flatten()[0]), active.pop() if len(active) == 1 else ("inconsistent",)))
+    def acting(layer, adapters) -> tuple[str, ...]:
+        return () if layer.disable_adapters else tuple(a for a in adapters if a in layer.lora_A)
 
-    def expected(model: str, t) -> tuple[str, ...]:
-        if model == shortft.SHORTCUT:
-            return (sd.SHORTCUT_ADAPTER,)
-        return tuple(names[i] for i in shortft.active_loras(t, points, aware)) if model == shortft.TUNED else ()
+    def record(module, args_, kwargs):  # per layer holding the branches: the adapters that act in this call
+        t = kwargs.get("timestep", args_[1] if len(args_) > 1 else None)
+        seen.append((float(torch.as_tensor(t).flatten()[0]),
+                     tuple(acting(layer, layer.active_adapters) for layer in tuned_layers)))
+
+    def expected(model: str, t) -> tuple[tuple[str, ...], ...]:
+        want = ((sd.SHORTCUT_ADAPTER,) if model == shortft.SHORTCUT else
+                tuple(names[i] for i in shortft.active_loras(t, points, aware)) if model == shortft.TUNED else ())
+        return tuple(acting(layer, want) for layer in tuned_layers)  # a layer the shortcut skips runs the base there
 
     hook = net.register_forward_pre_hook(record, with_kwargs=True)
     den = world.make_denoisers(net, world.encode(c, prompts[:1], cache), uncond, targs.guidance, points, aware,
@@ -218,6 +223,7 @@ def main(args: Args) -> dict:
     world.sample(c, prompts[:1], [0], grid, guidance=targs.guidance, points=points, timestep_aware=aware,
                  resolution=targs.resolution, batch=1, cache=cache)
     wrong += [("sampler", t, got) for (_, got), t in zip(seen, grid) if got != expected(shortft.TUNED, t)]
+    wrong = [(where, t, sorted(set(got))) for where, t, got in wrong]  # the distinct adapter sets seen
     hook.remove()
     out["branches"] = {"mismatches": [list(map(str, w)) for w in wrong], "sampler_calls": len(seen)}
     print(f"  branches: every training stage's chain and the sampler ({len(seen)} calls) "
