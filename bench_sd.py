@@ -172,7 +172,7 @@ def time_updates(args: Args, method: str, stage: int, batch: int, c, fwd, reward
             loss, _ = shortft.reward_loss(x_T, chain, den, schedule,
                                           lambda z: reward(world.decode(c["vae"], z, checkpoint=True), prompts))
         loss.backward()
-        shortft.guarded_step(optimizer, params, 1.0)
+        runio.guarded_step(optimizer, params, 1.0)
         return shortft.chain_cost(chain)
 
     for _ in range(args.warmup):

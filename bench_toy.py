@@ -21,8 +21,8 @@ results were seen. Its first version used the reward `region`, which every metho
 budget (docs/toy.md; `--long --reward region --name toy-long-region` repeats it). The reward was then replaced, before
 any run of the new one, by one chosen from its definition for the properties `region` lacked:
 
-    reward      `mode_shift`, r(x, c) = log Σ_{j ∈ sector(c + 2)} exp(−‖x − μ_j‖² / 2σ²): every class must leave its
-                own two modes for the two modes of the class across the ring (a change of composition, decided by
+    reward      `mode_shift`, r(x, c) = log Σ_{j ∈ sector(c + 2)} exp(−‖x − μ_j‖² / 2σ²): every class must leave
+                its own two modes for the two modes of the class across the ring (a change of composition, decided by
                 the early steps, where the paper says truncated chains lose their gradient), and land exactly on a
                 mode: there is no flat top (r < 0 everywhere but at the 8 mode centres, quadratic around them), so
                 a method cannot finish by parking samples anywhere inside a region. Off-ring samples lose reward,
@@ -48,9 +48,12 @@ Run: python bench_toy.py            (≈ 3–4 min on 2 CPU cores from an empty 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -121,7 +124,10 @@ class BenchArgs(toy.WorldArgs):
     chain_lengths: list[int] = field(default_factory=lambda: [10, 20, 50, 100, 200])
     """grids of the gradient-norm measurement (N steps; the paper's LoRA points are snapped to each, so N ≥ 4)"""
     threads: int = 1
-    """torch CPU threads"""
+    """torch CPU threads of each process"""
+    workers: int = 0
+    """runs trained at once, one process each (0: one per CPU core, at most the runs left). Each run is the same
+    single-process computation whatever the number, so the tables are bit-identical for any --workers"""
     target_fraction: float = 0.9
     """"GFLOP to target": where a seed's held-out curve first reaches base + this × (best final − base), the best
     final mean over the bench's variants (linear between evaluations)"""
@@ -130,19 +136,28 @@ class BenchArgs(toy.WorldArgs):
 
 
 def run_args(args: BenchArgs, variant: str, seed: int) -> train_toy.Args:
-    """The train_toy.py arguments of one variant and seed."""
+    """The train_toy.py arguments of one variant and seed. A run whose updates turn non-finite is not stopped
+    (max_skipped 0): its skipped updates spend their budget and it ends with its last finite weights, so a method
+    that diverges is a row of the table (its "skipped" count says so), not the end of the benchmark."""
     return train_toy.Args(**dataclasses.asdict(toy.world_args(args)), name=f"{variant}-s{seed}",
                           out_dir=str(Path(args.out_dir) / args.name), seed=seed, reward=args.reward,
                           budget=args.budget, budget_unit=args.budget_unit, evals=args.evals,
-                          eval_batch=args.eval_batch, threads=args.threads, **VARIANTS[variant][1])
+                          eval_batch=args.eval_batch, threads=args.threads, max_skipped=0, **VARIANTS[variant][1])
+
+
+def train_run(run: train_toy.Args) -> dict:
+    """One run, in a worker process of its own (`bench` trains --workers of them at once)."""
+    return train_toy.train(run, log=lambda *a: None)
 
 
 def finished_run(run: train_toy.Args) -> dict | None:
     """The summary of a run folder that holds a finished run of exactly these arguments (train_toy.py writes
     summary.json last), else None: an interrupted bench continues where it stopped."""
     folder = train_toy.run_folder(run)
+    stop_rule = {"max_skipped": None}  # a finished run never reached it, so it is the same run under any value
     try:
-        same = json.loads((folder / "args.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(run)))
+        same = (json.loads((folder / "args.json").read_text()) | stop_rule
+                == json.loads(json.dumps(dataclasses.asdict(run))) | stop_rule)
         return json.loads((folder / "summary.json").read_text()) if same and (folder / "lora.safetensors").is_file() else None
     except (OSError, ValueError):
         return None
@@ -175,6 +190,7 @@ def check_args(args: BenchArgs) -> None:
         runio.require_range("chain_lengths", n, 4, 1000, what="the paper's 4 LoRA points need 4 distinct steps")
         runio.check_arg("chain_lengths", n, measure_toy.snap_points, shortft.ddim_timesteps(n))
     runio.require_range("threads", args.threads, 1, os.cpu_count() or 1, what="at most this machine's CPU cores")
+    runio.require_range("workers", args.workers, 0, 64, what="processes at once (0: one per CPU core)")
     runio.require_range("target_fraction", args.target_fraction, 0, 1, low_open=True,
                         what="a share of the best improvement over the base")
     for v in args.variants:  # what each run will be given
@@ -200,7 +216,8 @@ def summarise(runs: list[dict]) -> dict:
     return {"reward": spread([f["eval/reward_mean"] for f in finals]), "quality": spread([f["eval/quality_mean"] for f in finals]),
             "updates": spread([r["updates"] for r in runs]), "spent_per_update": spread([r["per_update"]["cpu_seconds"] for r in runs]),
             "gflop_per_update": spread([r["per_update"]["gflop"] for r in runs]),
-            "gflop": spread([r["spent"]["gflop"] for r in runs]), "cpu_s": spread([r["spent"]["cpu_seconds"] for r in runs]),
+            "gflop": spread([r["spent"]["gflop"] for r in runs]), "skipped": [r["skipped"] for r in runs],
+            "cpu_s": spread([r["spent"]["cpu_seconds"] for r in runs]),
             "wall_s": spread([r["spent"]["seconds"] for r in runs]),
             "curves": [[(e["compute/gflop"], e["eval/reward_mean"]) for e in r["evals"]] for r in runs],
             "base_reward": finals[0]["eval/base_reward_mean"], "curve_mean": [m for m, _ in curve], "curve_std": [s for _, s in curve],
@@ -255,6 +272,10 @@ def tables_markdown(summary: dict, args: BenchArgs) -> str:
             lines.append(f"| {VARIANTS[v][0]} | {pm(s['reward'])} | {pm(s['quality'], 2)} | {pm(s['updates'], 0)} | "
                          f"{pm(s['gflop_per_update'], 4)} | {reach} | {pm(s['spent_per_update'], 4)} | "
                          f"{pm(s['cpu_s'], 1)} | {pm(s['wall_s'], 1)} |")
+        diverged = [f"{VARIANTS[v][0]}: " + ", ".join(f"seed {seed} {n}" for seed, n in zip(args.seeds, summary[v]["skipped"]) if n)
+                    for v in rows if any(summary[v].get("skipped", ()))]
+        if diverged:  # updates whose gradient or weights were non-finite: not applied, their budget spent
+            lines += ["", "Skipped updates (non-finite; the weights kept, the budget spent): " + "; ".join(diverged) + "."]
         lines.append("")
     lines += ["**The paper's orderings** (held-out reward; '>' only where |Δmean| > std_a + std_b):", ""]
     for a, b in PAPER_ORDERINGS:
@@ -365,10 +386,14 @@ def run_bench(args: BenchArgs) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     parts, load = {}, {"start": os.getloadavg()}
 
+    def cpu() -> float:  # this process and its finished workers
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + children.ru_utime + children.ru_stime
+
     def timed(part, fn, *a, **kw):
-        w0, c0 = time.perf_counter(), time.process_time()
+        w0, c0 = time.perf_counter(), cpu()
         result = fn(*a, **kw)
-        parts[part] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
+        parts[part] = {"wall_s": time.perf_counter() - w0, "cpu_s": cpu() - c0}
         print(f"[{part}] {parts[part]['wall_s']:.1f} s wall, {parts[part]['cpu_s']:.1f} s CPU", flush=True)
         return result
 
@@ -379,13 +404,32 @@ def run_bench(args: BenchArgs) -> dict:
     metrics["chain_jump_error"] = measure_toy.chain_jump_errors(world, x_eval, c_eval, args.radius)
 
     def train_all() -> dict:
+        todo = {(v, seed): run_args(args, v, seed) for v in args.variants for seed in args.seeds}
+        done = {key: finished_run(run) for key, run in todo.items()}
+        left = [key for key, summary in done.items() if summary is None]
+        workers = min(args.workers or os.cpu_count() or 1, len(left)) or 1
+        print(f"  {len(todo) - len(left)} finished runs reused, {len(left)} to train, {workers} at a time", flush=True)
+        if workers == 1:  # in this process, in order
+            for key in left:
+                done[key] = train_run(todo[key])
+                report(key, done[key])
+            return ordered(done)
+        with concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(train_run, todo[key]): key for key in left}
+            for future in concurrent.futures.as_completed(futures):
+                done[futures[future]] = future.result()
+                report(futures[future], done[futures[future]])
+        return ordered(done)
+
+    def report(key, run):
+        v, seed = key
+        print(f"  {v:>18} seed {seed}: reward {run['final']['eval/reward_mean']:.3f}, {run['updates']} updates"
+              + (f" ({run['skipped']} skipped)" if run["skipped"] else ""), flush=True)
+
+    def ordered(done: dict) -> dict:  # {variant: [summary per seed]} in the order of --variants and --seeds
         runs = {}
-        for v in args.variants:
-            for seed in args.seeds:
-                run = run_args(args, v, seed)
-                runs.setdefault(v, []).append(finished_run(run) or train_toy.train(run, log=lambda *a: None))
-                f = runs[v][-1]["final"]
-                print(f"  {v:>18} seed {seed}: reward {f['eval/reward_mean']:.3f}, {runs[v][-1]['updates']} updates", flush=True)
+        for (v, _), summary in done.items():
+            runs.setdefault(v, []).append(summary)
         return runs
 
     runs = timed("tables", train_all)

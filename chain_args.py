@@ -4,7 +4,8 @@ Guo, Cui, Bo, Huang, "Diffusion Model Alignment via Shortcut-based Fine-Tuning",
 https://arxiv.org/abs/2507.22604 — Sec. 3 (LoRA points, timestep-aware LoRA, progressive training) and the baselines
 of its Table 1. This file is glue, not the method: it turns `ChainArgs` into the keyword arguments of
 `shortft.make_chain` and checks them against the world's grid before anything is built. `train_toy.Args`,
-`train_sd.Args` and `bench_sd.Args` extend `ChainArgs`.
+`train_sd.Args` and `bench_sd.Args` extend `ChainArgs`. It also holds how long each progressive-training stage
+lasts (`stage_at`, `stage_of`: the paper does not say; k equal shares of the budget unless --stage-fractions).
 
 Notation (code -> paper): points p_1 > … > p_k the LoRA points; stage i of progressive training; progress ∈ [0, 1] the
 share of the training budget spent; grid τ_N > … > τ_1 the world's sampler (SD1.5 and the toy: 50 DDIM steps
@@ -16,6 +17,8 @@ print(chain_args.layout(a, g, shortft.make_schedule()))"
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -96,11 +99,28 @@ def num_stages(args: ChainArgs, grid: Sequence[float], schedule) -> int:
     return len(points) if points and args.progressive else 1
 
 
+def stage_at(progress: float, k: int, fractions: Sequence[float] = ()) -> int:
+    """The progressive-training stage (1 … k) at `progress` ∈ [0, 1] of the training budget. Stage i lasts
+    fractions[i−1] of the budget (empty: k equal parts; the paper does not say how long each stage lasts)."""
+    k = shortft._count("the number of stages", k, 1, 1 << 20)
+    if isinstance(progress, bool) or not isinstance(progress, numbers.Real) or math.isnan(progress):
+        raise TypeError(f"progress must be a number in [0, 1], got {progress!r}")
+    fractions = list(fractions) or [1.0 / k] * k
+    if len(fractions) != k or any(not (isinstance(f, numbers.Real) and math.isfinite(f) and f > 0) for f in fractions):
+        raise ValueError(f"stage fractions {fractions} must be {k} positive numbers (one per stage)")
+    edge, total = 0.0, sum(fractions)
+    for i, f in enumerate(fractions, start=1):
+        edge += f / total
+        if progress < edge:
+            return i
+    return k
+
+
 def stage_of(args: ChainArgs, progress: float, k: int) -> int:
-    """The stage at `progress` ∈ [0, 1] of the budget among `k` = `num_stages(…)` stages (`shortft.stage_at`).
+    """The stage at `progress` ∈ [0, 1] of the budget among `k` = `num_stages(…)` stages (`stage_at`).
     Without timestep-aware LoRA the stages still change the chain (original prefix down to p_i); only the one shared
     LoRA is trained in all of them, so each Table 3 ablation changes exactly one thing."""
-    return shortft.stage_at(progress, k, args.stage_fractions) if k > 1 else 1
+    return stage_at(progress, k, args.stage_fractions) if k > 1 else 1
 
 
 def chain_switches(args: ChainArgs, points: Sequence[float] | None, stage: int = 1) -> dict:
@@ -157,7 +177,7 @@ def check_chain_args(args: ChainArgs, grid: Sequence[float] | None = None, sched
         else:
             check("lora_points", lambda: shortft.paper_points(grid, schedule))
         points, _ = layout(args, grid, schedule)
-        check("stage_fractions", lambda: shortft.stage_at(0.0, len(points), args.stage_fractions))
+        check("stage_fractions", lambda: stage_at(0.0, len(points), args.stage_fractions))
         seg1 = len([t for t in grid if t >= points[0]])
         check("segment1_grad_steps", lambda: need(1 <= args.segment1_grad_steps <= seg1,
                                                   f"must be in [1, {seg1}] (segment 1 has {seg1} steps)"))

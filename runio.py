@@ -28,6 +28,10 @@ as `--flag VALUE: what is wrong and what to do`; `cli` prints it as `<script>: e
 with status 2, no traceback. Nothing is unpickled: tensors go through safetensors, the rest is JSON.
 NaN/inf tensors are never written, and never loaded from a checkpoint.
 
+The guarded update. `guarded_step` clips the gradient (`grad_norm` measures it) and applies the optimizer step
+unless it would put NaN/inf into the weights: a non-finite gradient is dropped, weights a step made non-finite are
+restored; `check_skipped` stops a run whose updates are skipped too many times in a row.
+
 Notation: step_N the checkpoint after N updates (N zero-padded to 7 digits); `expect` the weights
 (name → tensor or shape) a checkpoint must match; `keys` the arguments a resumed run must keep.
 
@@ -44,6 +48,7 @@ import hashlib
 import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -995,6 +1000,58 @@ def disk_full(e: BaseException) -> bool:
     import errno
 
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+# ----------------------------------------------------------------------------- the guarded update
+
+
+def _parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters as a list, read once: `model.parameters()` is a generator, and reading it twice would give
+    the second reader nothing. TypeError unless every item is a tensor."""
+    if isinstance(params, torch.Tensor):
+        params = [params]
+    params = list(params)
+    bad = next((p for p in params if not isinstance(p, torch.Tensor)), None)
+    if bad is not None:
+        raise TypeError(f"parameters must be tensors (e.g. model.parameters()), got a {type(bad).__name__}")
+    return params
+
+
+def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """‖∇‖₂ over all parameters that have a gradient (inf/nan propagate)."""
+    grads = [p.grad.detach().float().norm() for p in _parameters(params) if p.grad is not None]
+    return torch.stack(grads).norm() if grads else torch.zeros(())
+
+
+def guarded_step(
+    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], max_grad_norm: float | None = 1.0
+) -> tuple[bool, float]:
+    """Clip and apply the update unless it would put NaN/inf into the weights: a non-finite gradient is dropped
+    before the step, and weights that come out of the step non-finite (e.g. an absurd learning rate) are restored
+    from a copy taken just before it. `params` (any iterable, e.g. `model.parameters()`) are the parameters whose
+    gradient is measured and clipped; every parameter the optimizer holds is guarded. Returns (applied, gradient
+    norm before clipping)."""
+    params = _parameters(params)
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
+                                      or not math.isfinite(max_grad_norm) or max_grad_norm < 0):
+        raise ValueError(f"max_grad_norm must be a finite number ≥ 0 (0 or None: no clipping), got {max_grad_norm!r}")
+    norm = grad_norm(params)
+    if not torch.isfinite(norm):
+        for p in [*params, *(q for g in optimizer.param_groups for q in g["params"])]:  # the optimizer's and `params`
+            p.grad = None
+        return False, float(norm)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    guarded = list({id(p): p for g in optimizer.param_groups for p in g["params"] if p.grad is not None}.values())
+    before = [p.detach().clone() for p in guarded]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if all(bool(torch.isfinite(p).all()) for p in guarded):
+        return True, float(norm)
+    with torch.no_grad():
+        for p, b in zip(guarded, before):
+            p.copy_(b)
+    return False, float(norm)
 
 
 def check_skipped(in_a_row: int, limit: int, update: int) -> None:

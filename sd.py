@@ -743,7 +743,7 @@ def check_model(unet, vae, resolution: int, lora_targets) -> None:
 
 
 def guarded_update(accelerator, optimizer, params, max_grad_norm: float) -> tuple[bool, float]:
-    """`shortft.guarded_step` under accelerate: gradients averaged over processes and unscaled (fp16) first; a
+    """`runio.guarded_step` under accelerate: gradients averaged over processes and unscaled (fp16) first; a
     NaN/inf gradient is dropped and lowers the fp16 loss scale. Returns (applied, norm before clipping).
 
     Several processes: one all-reduce of every gradient (mean) gives each process the same gradient bit for bit, so
@@ -759,7 +759,7 @@ def guarded_update(accelerator, optimizer, params, max_grad_norm: float) -> tupl
         for p, g, k in zip(params, flat[: -len(params)].split([p.numel() for p in params]), keep):
             p.grad = g.view_as(p).to(p.dtype) if k else None
     accelerator.unscale_gradients()
-    applied, norm = shortft.guarded_step(optimizer, params, max_grad_norm)
+    applied, norm = runio.guarded_step(optimizer, params, max_grad_norm)
     if not math.isfinite(norm) and accelerator.scaler is not None:
         accelerator.scaler.update()  # optimizer.step(), which updates the scale, was skipped
     return applied, norm

@@ -626,23 +626,6 @@ def trainable_loras(stage: int, points: Sequence[float] | None = None, timestep_
     return tuple(range(stage - 1, n))
 
 
-def stage_at(progress: float, k: int, fractions: Sequence[float] = ()) -> int:
-    """The progressive-training stage (1 … k) at `progress` ∈ [0, 1] of the training budget. Stage i lasts
-    fractions[i−1] of the budget (empty: k equal parts; the paper does not say how long each stage lasts)."""
-    k = _count("the number of stages", k, 1, 1 << 20)
-    if isinstance(progress, bool) or not isinstance(progress, numbers.Real) or math.isnan(progress):
-        raise TypeError(f"progress must be a number in [0, 1], got {progress!r}")
-    fractions = list(fractions) or [1.0 / k] * k
-    if len(fractions) != k or any(not (isinstance(f, numbers.Real) and math.isfinite(f) and f > 0) for f in fractions):
-        raise ValueError(f"stage fractions {fractions} must be {k} positive numbers (one per stage)")
-    edge, total = 0.0, sum(fractions)
-    for i, f in enumerate(fractions, start=1):
-        edge += f / total
-        if progress < edge:
-            return i
-    return k
-
-
 def _next_point(grid: Sequence[float], t) -> int | float:
     """The grid point after t (CLEAN after the last)."""
     return [*grid, CLEAN][list(grid).index(t) + 1]
@@ -723,55 +706,3 @@ def make_chain(method: str, grid: Sequence[float], rng: random.Random | None = N
     if "rng" in accepted:
         switches["rng"] = rng
     return builder(grid, **switches)
-
-
-# ----------------------------------------------------------------------------- update
-
-
-def _parameters(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The parameters as a list, read once: `model.parameters()` is a generator, and reading it twice would give
-    the second reader nothing. TypeError unless every item is a tensor."""
-    if isinstance(params, torch.Tensor):
-        params = [params]
-    params = list(params)
-    bad = next((p for p in params if not isinstance(p, torch.Tensor)), None)
-    if bad is not None:
-        raise TypeError(f"parameters must be tensors (e.g. model.parameters()), got a {type(bad).__name__}")
-    return params
-
-
-def grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """‖∇‖₂ over all parameters that have a gradient (inf/nan propagate)."""
-    grads = [p.grad.detach().float().norm() for p in _parameters(params) if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
-
-
-def guarded_step(
-    optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], max_grad_norm: float | None = 1.0
-) -> tuple[bool, float]:
-    """Clip and apply the update unless it would put NaN/inf into the weights: a non-finite gradient is dropped
-    before the step, and weights that come out of the step non-finite (e.g. an absurd learning rate) are restored
-    from a copy taken just before it. `params` (any iterable, e.g. `model.parameters()`) are the parameters whose
-    gradient is measured and clipped; every parameter the optimizer holds is guarded. Returns (applied, gradient
-    norm before clipping)."""
-    params = _parameters(params)
-    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
-                                      or not math.isfinite(max_grad_norm) or max_grad_norm < 0):
-        raise ValueError(f"max_grad_norm must be a finite number ≥ 0 (0 or None: no clipping), got {max_grad_norm!r}")
-    norm = grad_norm(params)
-    if not torch.isfinite(norm):
-        for p in [*params, *(q for g in optimizer.param_groups for q in g["params"])]:  # the optimizer's and `params`
-            p.grad = None
-        return False, float(norm)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    guarded = list({id(p): p for g in optimizer.param_groups for p in g["params"] if p.grad is not None}.values())
-    before = [p.detach().clone() for p in guarded]
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if all(bool(torch.isfinite(p).all()) for p in guarded):
-        return True, float(norm)
-    with torch.no_grad():
-        for p, b in zip(guarded, before):
-            p.copy_(b)
-    return False, float(norm)

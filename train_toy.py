@@ -240,7 +240,7 @@ def _train(args: Args, log, run_dir: Path) -> dict:
         gflop = meter.gflop(budget.update_kind(chain, args.batch_size, trainable), forward_backward, params)
         loss, r = forward_backward()
         # --- update ---: one Adam step on the stage's branches; NaN/inf never reaches the weights
-        applied, gnorm = shortft.guarded_step(opt, params, args.max_grad_norm)
+        applied, gnorm = runio.guarded_step(opt, params, args.max_grad_norm)
         state["skipped"] += not applied
         in_a_row = 0 if applied else in_a_row + 1
         runio.check_skipped(in_a_row, args.max_skipped, spent.updates + 1)

@@ -18,6 +18,7 @@ import random
 import pytest
 import torch
 
+import chain_args
 import shortft
 from shortft import CLEAN, X0
 
@@ -294,14 +295,13 @@ def test_shortft_stage_gradient_reaches_exactly_the_stage_loras():
 
 
 def test_stage_schedule():
-    assert [shortft.stage_at(p, 4) for p in (0.0, 0.2, 0.26, 0.5, 0.8, 1.0)] == [1, 1, 2, 3, 4, 4]
-    assert [shortft.stage_at(p, 2, (3, 1)) for p in (0.0, 0.7, 0.76)] == [1, 1, 2]
+    assert [chain_args.stage_at(p, 4) for p in (0.0, 0.2, 0.26, 0.5, 0.8, 1.0)] == [1, 1, 2, 3, 4, 4]
+    assert [chain_args.stage_at(p, 2, (3, 1)) for p in (0.0, 0.7, 0.76)] == [1, 1, 2]
     assert shortft.trainable_loras(1, shortft.PAPER_LORA_POINTS) == (0, 1, 2, 3)
     assert shortft.trainable_loras(3, shortft.PAPER_LORA_POINTS) == (2, 3)
     assert shortft.trainable_loras(2, shortft.PAPER_LORA_POINTS, timestep_aware=False) == (0,)
     import dataclasses
 
-    import chain_args
     args, sch = chain_args.ChainArgs(), shortft.make_schedule()
 
     def stage_of(a, p):
@@ -314,7 +314,7 @@ def test_stage_schedule():
     with pytest.raises(ValueError, match="stage .* must be in \\[1, 4\\], got 5"):
         shortft.trainable_loras(5, shortft.PAPER_LORA_POINTS)
     with pytest.raises(ValueError, match="4 positive numbers"):
-        shortft.stage_at(0.5, 4, (1, 1))
+        chain_args.stage_at(0.5, 4, (1, 1))
 
 
 def test_shortft_bad_input_is_one_line():

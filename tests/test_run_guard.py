@@ -190,7 +190,7 @@ def test_a_run_that_cannot_learn_stops_before_its_first_update(cache, tmp_path, 
 
 def test_max_skipped_stops_the_run(cache, tmp_path, capfd, monkeypatch):
     """Every update skipped (the guard finds NaN): the run stops at --max-skipped, exit 2, without a LoRA."""
-    monkeypatch.setattr(shortft, "guarded_step", lambda opt, params, clip: (False, math.nan))
+    monkeypatch.setattr(runio, "guarded_step", lambda opt, params, clip: (False, math.nan))
     err = one_line(capfd, 2, train_toy.main, toy_argv(cache, tmp_path, name="skip", budget=10, max_skipped=3))
     assert "--max-skipped 3: 3 updates in a row were skipped" in err and "at update 3" in err
     assert not (tmp_path / "skip" / "lora.safetensors").exists()

@@ -4,6 +4,7 @@ Paper Sec. 3 (reward backpropagation through a DDIM chain): the schedule, grid, 
 al. 2021, Eq. 12), forward process and classifier-free guidance are checked against diffusers'
 DDIMScheduler / DDPMScheduler; the chain runner is checked against plain autograd through a
 hand-unrolled loop of `ddim_step`, and DRTune's stop-gradient against its closed-form Jacobian.
+The guarded update (`runio.guarded_step`, NaN/inf never reaches the weights) is checked beside the loss.
 
 Notation: ᾱ_t = alphas_cumprod[t]; τ_N > … > τ_1 the grid; CLEAN = −1 the chain's end (ᾱ_final);
 X0 = None "return x̂_0" (ᾱ = 1); (B, …) batch-first tensors.
@@ -18,6 +19,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 import measure_toy
+import runio
 import sd
 import shortft
 from shortft import CLEAN, X0, Segment
@@ -279,7 +281,7 @@ def test_guarded_step_skips_nan_and_leaves_weights_bit_identical():
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     before = [p.detach().clone() for p in net.parameters()]
     loss.backward()
-    applied, norm = shortft.guarded_step(opt, list(net.parameters()))
+    applied, norm = runio.guarded_step(opt, list(net.parameters()))
     assert applied is False and norm != norm  # NaN
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
     assert all(p.grad is None for p in net.parameters())
@@ -293,7 +295,7 @@ def test_guarded_step_restores_weights_that_a_step_made_non_finite(lr):
     params = list(net.parameters())
     loss.backward()
     before = [p.detach().clone() for p in params]
-    applied, norm = shortft.guarded_step(torch.optim.SGD(params, lr=lr), params)
+    applied, norm = runio.guarded_step(torch.optim.SGD(params, lr=lr), params)
     assert applied is False and norm == norm and norm > 0
     assert all(torch.equal(p, b) for p, b in zip(params, before))
     assert all(p.grad is None for p in params)
@@ -308,14 +310,14 @@ def test_guarded_step_reads_a_parameter_generator_once():
     grads = [p.grad.detach().clone() for p in params]
     norm = float(torch.stack([g.norm() for g in grads]).norm())
     before = [p.detach().clone() for p in params]
-    applied, got = shortft.guarded_step(torch.optim.SGD(params, lr=0.1), net.parameters(), max_grad_norm=1.0)
+    applied, got = runio.guarded_step(torch.optim.SGD(params, lr=0.1), net.parameters(), max_grad_norm=1.0)
     assert applied is True and got == pytest.approx(norm, rel=1e-6) and norm > 1e3
     step = torch.cat([(b - p.detach()).flatten() for p, b in zip(params, before)]).norm()
     assert float(step) == pytest.approx(0.1, rel=1e-5)  # clipped to norm 1, times lr
     net, loss, _ = _toy_update(1.0)
     loss.backward()
     before = [p.detach().clone() for p in net.parameters()]
-    applied, _ = shortft.guarded_step(torch.optim.SGD(net.parameters(), lr=float("inf")), net.parameters())
+    applied, _ = runio.guarded_step(torch.optim.SGD(net.parameters(), lr=float("inf")), net.parameters())
     assert applied is False and all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
 
 
@@ -325,9 +327,9 @@ def test_guarded_step_refuses_a_meaningless_clip(bad, error):
     net, loss, _ = _toy_update(1.0)
     loss.backward()
     with pytest.raises(error, match="max_grad_norm"):
-        shortft.guarded_step(torch.optim.SGD(net.parameters(), lr=0.1), net.parameters(), max_grad_norm=bad)
+        runio.guarded_step(torch.optim.SGD(net.parameters(), lr=0.1), net.parameters(), max_grad_norm=bad)
     with pytest.raises(TypeError, match="parameters must be tensors"):
-        shortft.guarded_step(torch.optim.SGD(net.parameters(), lr=0.1), [1.0, 2.0])
+        runio.guarded_step(torch.optim.SGD(net.parameters(), lr=0.1), [1.0, 2.0])
 
 
 def test_guarded_step_applies_clipped_update():
@@ -338,7 +340,7 @@ def test_guarded_step_applies_clipped_update():
     norm = torch.stack([g.norm() for g in grads]).norm()
     max_norm = float(norm) / 4  # force clipping
     before = [p.detach().clone() for p in params]
-    applied, got = shortft.guarded_step(torch.optim.SGD(params, lr=0.1), params, max_grad_norm=max_norm)
+    applied, got = runio.guarded_step(torch.optim.SGD(params, lr=0.1), params, max_grad_norm=max_norm)
     assert applied is True and got == pytest.approx(float(norm), rel=1e-6)
     for p, b, g in zip(params, before, grads):
         torch.testing.assert_close(p.detach(), b - 0.1 * g * (max_norm / norm), rtol=1e-5, atol=1e-9)
@@ -369,4 +371,4 @@ def test_cosine_and_grad_norm():
     assert measure_toy.cosine(a, -a) == pytest.approx(-1.0)
     p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     p.grad, q.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])
-    assert float(shortft.grad_norm([p, q])) == pytest.approx(5.0)
+    assert float(runio.grad_norm([p, q])) == pytest.approx(5.0)

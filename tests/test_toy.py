@@ -250,9 +250,14 @@ def test_bench_toy_reuses_finished_runs_and_times_to_target(cache, tmp_path):
               eval_batch=16, grad_samples=8, chain_lengths=[5], variants=["shortft", "refl"])
     first = bench_toy.main(argv(kw))
     (tmp_path / "toy" / "shortft-s0" / "metrics.jsonl").unlink()  # a reused run is not trained again
-    again = bench_toy.main(argv(kw))
-    assert again["summary"]["shortft"]["reward"] == first["summary"]["shortft"]["reward"]
+    lora = runio.load_tensors(tmp_path / "toy" / "refl-s0" / "lora.safetensors")
+    shutil.rmtree(tmp_path / "toy" / "refl-s0")  # trained again, now in a worker process of its own
+    again = bench_toy.main(argv(dict(kw, workers=2)))
+    for key in ("reward", "quality", "updates", "gflop", "curves", "seeds"):  # bit-identical for any --workers
+        assert [again["summary"][v][key] for v in kw["variants"]] == [first["summary"][v][key] for v in kw["variants"]]
     assert not (tmp_path / "toy" / "shortft-s0" / "metrics.jsonl").exists()
+    retrained = runio.load_tensors(tmp_path / "toy" / "refl-s0" / "lora.safetensors")
+    assert lora.keys() == retrained.keys() and all(torch.equal(lora[k], retrained[k]) for k in lora)
     assert bench_toy.first_reach([(0.0, -3.0), (2.0, -1.0), (4.0, 0.0)], -2.0) == pytest.approx(1.0)
     assert bench_toy.first_reach([(0.0, -3.0), (2.0, -2.5)], -2.0) is None
     summary = {"a": {"reward": (-1.0, 0.0), "base_reward": -3.0, "curves": [[(0.0, -3.0), (2.0, -1.0)]]},
@@ -323,3 +328,22 @@ def test_shift_rewards_closed_form():
     x = torch.cat([torch.zeros(1, 2), 5 * torch.randn(7, 2)]).requires_grad_(True)  # the origin and far points
     rewards.make_reward("mode_shift:1,class_shift:1,quality:1", **kw)(x, torch.arange(8) % 4).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_bench_run_that_diverges_is_a_row_not_the_end(cache, tmp_path, monkeypatch):
+    """bench_toy's runs do not stop at --max-skipped: a method whose updates turn non-finite ends with its last finite
+    weights and its skipped count, and a finished run is reused whatever that stop rule was."""
+    make = toy.make_reward
+    nan_in_updates = lambda x, c: x.sum(1) * (math.nan if torch.is_grad_enabled() else 1.0)  # noqa: E731
+    monkeypatch.setattr(toy, "make_reward", lambda spec, w: nan_in_updates if spec == "region" else make(spec, w))
+    args = bench_toy.BenchArgs(**TINY, cache_dir=str(cache), out_dir=str(tmp_path), reward="region", budget=25,
+                               budget_unit="updates", evals=1, eval_batch=8)
+    run = bench_toy.run_args(args, "shortft", 0)
+    out = bench_toy.train_run(run)  # more non-finite updates in a row than train_toy.py's default --max-skipped 20
+    assert out["skipped"] == out["updates"] == 25 > train_toy.Args.max_skipped
+    assert bench_toy.finished_run(dataclasses.replace(run, max_skipped=20)) == bench_toy.finished_run(run) == out
+    assert bench_toy.finished_run(dataclasses.replace(run, lr=run.lr / 2)) is None
+    summary = {"shortft": bench_toy.summarise([out])}
+    assert summary["shortft"]["skipped"] == [25]
+    assert "Skipped updates (non-finite; the weights kept, the budget spent): ShortFT: seed 0 25." in \
+        bench_toy.tables_markdown(summary, dataclasses.replace(args, seeds=[0], variants=["shortft"]))
