@@ -15,6 +15,7 @@ Run: python -m pytest -q tests/test_sd3.py
 
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -524,3 +525,22 @@ def test_bf16_chain_close_to_fp32(tiny_dir):
             z = shortft.run_chain(x, shortft.shortft(grid, schedule=FLOW).trunk, den, FLOW)
         losses.append(sd3.decode(c["vae"], z).mean().float().item())
     assert losses[1] == pytest.approx(losses[0], abs=2e-2)
+
+
+def test_bench_stages_takes_a_shortft_run_apart(tiny_dir, tmp_path):
+    """bench_stages.py on a --tiny-sd3 ShortFT run with a checkpoint per update: a held-out score at init and after each
+    stage; the last stage's gradient is the exact one (its chain is the complete sampler with gradient into LoRA_k,
+    which acts only at the last step), the earlier stages' point the same way; every call uses the branches
+    shortft.active_loras picks."""
+    import bench_stages
+
+    run = train_sd.main(quick(tiny_dir, tmp_path, save_every=1, lr=1e-2))["run_dir"]
+    out = bench_stages.main(bench_stages.Args(run=str(run), eval_samples=2, grad_states=["0", "stage2"],
+                                              grad_samples=2, micro_batch=1))
+    assert [r["update"] for r in out["held_out"]] == [0, 1, 2, 3, 4]
+    assert all(math.isfinite(r["reward"]) for r in out["held_out"])
+    for row in out["gradients"]:
+        assert row["stages"]["4"]["cos"] == pytest.approx(1.0, abs=1e-4)
+        assert row["stages"]["4"]["rel_norm"] == pytest.approx(1.0, abs=1e-3)
+        assert all(v["cos"] > 0 for v in row["stages"].values())
+    assert out["branches"]["mismatches"] == [] and out["branches"]["sampler_calls"] == 10
