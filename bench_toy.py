@@ -42,7 +42,7 @@ A finished run folder of the same arguments is reused (train_toy.py writes summa
 bench continues where it stopped.
 
 Run: python bench_toy.py            (≈ 3–4 min on 2 CPU cores from an empty cache)
-     python bench_toy.py --long     (the long run: 45 runs, ≈ 80–110 CPU-minutes, one thread: 0.03–0.3 CPU-s per
+     python bench_toy.py --long     (the long run: 45 runs, 86 CPU-minutes measured, one thread: 0.03–0.3 CPU-s per
                                     update on a 2-core machine shared with other jobs)
 """
 
