@@ -41,7 +41,7 @@ any run of the new one, by one chosen from its definition for the properties `re
 A finished run folder of the same arguments is reused (train_toy.py writes summary.json last), so an interrupted
 bench continues where it stopped.
 
-Run: python bench_toy.py            (≈ 3–4 min on 2 CPU cores from an empty cache)
+Run: python bench_toy.py            (4 min wall, 7 CPU-minutes on 2 CPU cores from an empty cache)
      python bench_toy.py --long     (the long run: 45 runs, 86 CPU-minutes measured, one thread: 0.03–0.3 CPU-s per
                                     update on a 2-core machine shared with other jobs)
 """
