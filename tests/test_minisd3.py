@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 import minisd
 import minisd3
-import rewards
 import sd
 import shortcut
 import shortft
