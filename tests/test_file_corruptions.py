@@ -153,6 +153,17 @@ def damage_tensors(path: Path, op: str, where: float, value: int) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
+def damage_file(path: Path, op: str, where: float, value: int, json_op: str | None = None) -> None:
+    """One drawn damage, in place: a byte-level op on any file, else a tensor op on a .safetensors file, else a JSON
+    op (`json_op`, default `op`) on a JSON file."""
+    if op in ("truncate", "flip", "append", "empty"):
+        path.write_bytes(damage_bytes(path.read_bytes(), op, where, value))
+    elif path.suffix == ".safetensors":
+        damage_tensors(path, op, where, value)
+    else:
+        path.write_text(json.dumps(damage_json(json.loads(path.read_text()), json_op or op, where, value)))
+
+
 def resign(folder: Path, manifest: str, name: str) -> None:
     """Make the manifest's entry of `name` match the (damaged) file again."""
     state = json.loads((folder / manifest).read_text())
@@ -364,10 +375,7 @@ def test_damaged_cache_file_is_rebuilt(toy_run, kind, how):
     shutil.copytree(toy_run["root"] / "cache", cache)
     path = next(cache.glob(f"{kind}_*.safetensors"))
     op, where, value = how
-    if op in ("truncate", "flip", "append", "empty"):
-        path.write_bytes(damage_bytes(path.read_bytes(), op, where, value))
-    else:
-        damage_tensors(path, op, where, value)
+    damage_file(path, op, where, value)
     w = toy.WorldArgs(cache_dir=str(cache), **WORLD)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -495,10 +503,7 @@ def test_damaged_shortcut_lora_is_finite_or_one_line(lora, how):
     path = lora["root"] / "shortcut_damaged.safetensors"
     shutil.copy(lora["root"] / "shortcut.safetensors", path)
     op, where, value = how
-    if op in ("truncate", "flip", "append", "empty"):
-        path.write_bytes(damage_bytes(path.read_bytes(), op, where, value))
-    else:
-        damage_tensors(path, op, where, value)
+    damage_file(path, op, where, value)
     unet = copy.deepcopy(lora["unet"])
     try:
         params = shortcut.load_shortcut_lora(unet, path, sd.SHORTCUT_ADAPTER, 1.0)
@@ -539,12 +544,7 @@ def test_damaged_classifier_loads_exactly_or_is_one_line(classifier, file, how):
         shutil.copy(root / name, folder / name)
     op, where, value = how
     path = folder / file
-    if op in ("truncate", "flip", "append", "empty"):
-        path.write_bytes(damage_bytes(path.read_bytes(), op, where, value))
-    elif file.endswith(".safetensors"):
-        damage_tensors(path, op, where, value)
-    else:
-        path.write_text(json.dumps(damage_json(json.loads(path.read_text()), "retype", where, value)))
+    damage_file(path, op, where, value, json_op="retype")
     try:
         model = rewards.load_digit_classifier(str(folder / "classifier.safetensors"), str(folder / "classifier.json"))
     except ValueError as e:
@@ -648,10 +648,7 @@ def test_signed_json_record_is_exact_or_rebuilt(tmp_path_factory, how):
     record = {"classifier": {"heldout_accuracy": 0.93, "seconds": 1.5}, "guidance": {"chosen": 3.0, "rates": [0.1, 0.9]}}
     runio.write_json_cache(record, path)
     op, where, value = how
-    if op in ("truncate", "flip", "append", "empty"):
-        path.write_bytes(damage_bytes(path.read_bytes(), op, where, value))
-    else:
-        path.write_text(json.dumps(damage_json(json.loads(path.read_text()), op, where, value)))
+    damage_file(path, op, where, value)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         back = runio.read_json_cache(path, "every stage is built again")
