@@ -368,19 +368,29 @@ def test_sd_signal_checkpoints_says_resume_and_resumes_exactly(tiny_sd, tmp_path
 
 def test_second_signal_stops_at_once():
     """Inside graceful_stop the first SIGINT is only a request (a repeat within REPEAT_S too: torchrun passes a Ctrl-C
-    on to workers that got it already); a later one raises Interrupted (exit 130) at once."""
-    with runio.graceful_stop():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert runio.stop_requested() == signal.SIGINT
-        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C passed on by a launcher: still only a request
-        time.sleep(runio.REPEAT_S + 0.1)
-        with pytest.raises(runio.Interrupted, match="SIGINT again: stopped at once; continue from the last checkpoint "
-                                                    "with: python ") as e:
+    on to workers that got it already); a later one raises Interrupted (exit 130) at once. On exit the handler it
+    found is back (here a marker, as whatever ran before in this test process may have left any handler)."""
+
+    def found(signum, frame):
+        raise AssertionError("graceful_stop's handler should be in place")
+
+    outer = signal.signal(signal.SIGINT, found)
+    try:
+        with runio.graceful_stop():
+            assert signal.getsignal(signal.SIGINT) is not found
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-        assert e.value.code == 130
-    assert runio.stop_requested() is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            time.sleep(0.05)
+            assert runio.stop_requested() == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C passed on by a launcher: still only a request
+            time.sleep(runio.REPEAT_S + 0.1)
+            with pytest.raises(runio.Interrupted, match="SIGINT again: stopped at once; continue from the last "
+                                                        "checkpoint with: python ") as e:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            assert e.value.code == 130
+        assert runio.stop_requested() is None and signal.getsignal(signal.SIGINT) is found
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_out_of_disk_is_one_line_and_resumable(cache, reference, tmp_path, capfd, monkeypatch):
