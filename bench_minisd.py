@@ -69,7 +69,7 @@ and training reward vs GFLOP, mean ± std over seeds, ShortFT's stage changes ma
 row over each variant's tuned row, seed 0, the first 20 samples), grids/<variant>.png, runs/<variant>-s<seed>/
 (train_sd.py's run folders).
 
-Run: python bench_minisd.py     (after python minisd.py; the 15 runs take about 4.4 CPU-hours with --workers 1)
+Run: python bench_minisd.py --workers 2   (after python minisd.py; plan + 15 runs: 2 h 34 min wall on 2 CPU cores)
      python bench_minisd.py --plan-only     (the plan and the estimated CPU-hours, no training)
 """
 
